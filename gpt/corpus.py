@@ -1,0 +1,368 @@
+"""Read the raw corpus: text files, directories, JSONL, or the embedded default corpus.
+
+This is the first stage of the data pipeline (see DESIGN.md): it turns paths into a list
+of `Document`s (a stable source name + the decoded text) and a `CorpusReport` that
+counts everything it skipped, so later stages never touch the filesystem.
+
+Inputs
+------
+* a text file: one document;
+* a ``.jsonl`` / ``.ndjson`` file: one document per line, the text taken from the field
+  ``text_field`` (default ``"text"``); lines that are not JSON objects with a string in
+  that field are counted (``jsonl_bad_lines`` / ``jsonl_missing_field``) and skipped;
+* a directory: walked recursively in sorted order (so the corpus order is reproducible),
+  each file filtered by the ``include`` / ``exclude`` glob patterns (see `matches`);
+* nothing (``paths=None``): the *embedded default corpus*, the ``.py`` sources of the
+  running Python's standard library, found through ``sysconfig.get_paths()["stdlib"]``
+  with ``site-packages`` excluded. It is on every machine that has Python, so the
+  pipeline needs no download, and it is a real, messy code corpus.
+
+Policies (never a crash)
+------------------------
+* Files with a NUL byte in their first 8 KiB are binary: skipped, counted.
+* Unreadable files (permissions, races with deletion): skipped, counted.
+* Non-UTF-8 bytes follow ``errors``: ``"replace"`` (default) decodes with U+FFFD in place
+  of each bad byte sequence and keeps the document (counted in ``non_utf8_replaced``; the
+  clean stage can drop documents with too many replacement characters); ``"skip"`` drops
+  the whole document (counted in ``non_utf8_skipped``). Python's PEP 263 coding cookies
+  are deliberately *not* honoured: the pipeline has one rule for every file type.
+
+Fingerprint
+-----------
+`CorpusReport.fingerprint` identifies the raw input: the number of files, their total
+bytes, and a sha256 over the sorted ``(source key, sha256 of the file's bytes)`` pairs.
+Keys are relative to each root (``<root name>/<relative path>``), so the fingerprint of
+the default corpus is the same on every machine with the same Python version. It is
+stored in ``meta.json`` so a prepared data folder can tell whether its input changed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from gpt.errors import DataError, DataFileNotFoundError
+
+ERROR_POLICIES = ("replace", "skip")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# Hidden files and folders (.git, .venv, ...) and Python caches are never corpus text.
+DEFAULT_EXCLUDE: tuple[str, ...] = (".*", "__pycache__", "*.pyc", "*.pyo")
+DEFAULT_CORPUS_INCLUDE: tuple[str, ...] = ("*.py",)
+DEFAULT_CORPUS_EXCLUDE: tuple[str, ...] = DEFAULT_EXCLUDE + ("site-packages", "dist-packages")
+_BINARY_SNIFF_BYTES = 8192
+_MAX_EXAMPLES = 5  # sources listed per skip reason in the report
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text. ``source`` is a stable, human-readable name (used in reports
+    and by dedup to say which document was kept for which), e.g. ``python3.11/ast.py``
+    or ``data/chat.jsonl:17``."""
+
+    source: str
+    text: str
+
+
+@dataclass
+class CorpusReport:
+    """What `read_corpus` read and what it skipped, and why."""
+
+    roots: list[str] = field(default_factory=list)
+    files_matched: int = 0  # files that passed include/exclude (or were named directly)
+    files_read: int = 0  # files whose bytes were read (those count in the fingerprint)
+    documents: int = 0  # documents produced (a JSONL file gives several)
+    bytes_read: int = 0
+    chars: int = 0  # characters in the produced documents
+    skipped_binary: int = 0
+    skipped_unreadable: int = 0
+    skipped_by_limit: int = 0  # files not read because of max_files / max_bytes
+    non_utf8_replaced: int = 0  # documents kept with U+FFFD replacements
+    non_utf8_skipped: int = 0  # documents dropped because of errors="skip"
+    jsonl_bad_lines: int = 0  # not JSON, or not a JSON object
+    jsonl_missing_field: int = 0  # object without a string in text_field
+    errors_policy: str = "replace"
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
+
+    def note(self, reason: str, source: str) -> None:
+        """Remember a few example sources for a skip reason (for the report)."""
+        bucket = self.examples.setdefault(reason, [])
+        if len(bucket) < _MAX_EXAMPLES:
+            bucket.append(source)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Corpus:
+    documents: list[Document]
+    report: CorpusReport
+
+
+def default_corpus_root() -> Path:
+    """The standard library folder of the running Python (the embedded default corpus)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def matches(rel_path: str, pattern: str, *, any_component: bool) -> bool:
+    """Glob matching used by include/exclude.
+
+    A pattern containing ``/`` is matched (fnmatch, case-sensitive) against the whole
+    relative POSIX path, where ``*`` also crosses ``/`` (``"test/*"`` excludes a whole
+    subtree). A pattern without ``/`` is matched against the file name, and, when
+    ``any_component`` (used for excludes), against every folder name too, so
+    ``exclude=["tests"]`` drops every ``tests`` folder at any depth.
+    """
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(rel_path, pattern)
+    parts = rel_path.split("/")
+    candidates = parts if any_component else parts[-1:]
+    return any(fnmatch.fnmatchcase(p, pattern) for p in candidates)
+
+
+def iter_directory(
+    root: Path, include: Sequence[str] | None, exclude: Sequence[str], skip_dirs: Iterable[Path] = ()
+) -> list[tuple[Path, str]]:
+    """All files under ``root`` that pass the filters, as sorted ``(path, relative posix
+    path)`` pairs. Excluded folders are pruned during the walk (a ``.git`` folder is never
+    descended into). ``skip_dirs`` are absolute folders pruned as well."""
+    skip = {os.path.realpath(p) for p in skip_dirs}
+    found: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not any(matches(rel_dir + d, p, any_component=True) for p in exclude)
+            and os.path.realpath(os.path.join(dirpath, d)) not in skip
+        )
+        for name in sorted(filenames):
+            rel = rel_dir + name
+            if any(matches(rel, p, any_component=True) for p in exclude):
+                continue
+            if include is not None and not any(matches(rel, p, any_component=False) for p in include):
+                continue
+            found.append((Path(dirpath) / name, rel))
+    found.sort(key=lambda pair: pair[1])
+    return found
+
+
+def _decode(data: bytes, errors: str) -> tuple[str | None, bool]:
+    """Decode UTF-8 under the policy. Returns (text or None if skipped, had_bad_bytes)."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        if errors == "skip":
+            return None, True
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _read_jsonl(data: bytes, key: str, text_field: str, errors: str, report: CorpusReport) -> list[Document]:
+    docs: list[Document] = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        source = f"{key}:{lineno}"
+        line, bad = _decode(raw, errors)
+        if line is None:
+            report.non_utf8_skipped += 1
+            report.note("non_utf8_skipped", source)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            report.jsonl_bad_lines += 1
+            report.note("jsonl_bad_lines", source)
+            continue
+        if not isinstance(obj, dict):
+            report.jsonl_bad_lines += 1
+            report.note("jsonl_bad_lines", source)
+            continue
+        text = obj.get(text_field)
+        if not isinstance(text, str):
+            report.jsonl_missing_field += 1
+            report.note("jsonl_missing_field", source)
+            continue
+        if bad:
+            report.non_utf8_replaced += 1
+            report.note("non_utf8_replaced", source)
+        docs.append(Document(source, text))
+    return docs
+
+
+def _fingerprint(entries: list[tuple[str, str]], n_bytes: int) -> dict:
+    digest = hashlib.sha256()
+    for key, content_hash in sorted(entries):
+        digest.update(key.encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
+        digest.update(content_hash.encode("ascii"))
+        digest.update(b"\n")
+    return {"files": len(entries), "bytes": n_bytes, "sha256": digest.hexdigest()}
+
+
+def _resolve_roots(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> list[tuple[Path, str, list[tuple[Path, str]]]]:
+    """(root, label, [(file, key)]) for each input path, keys prefixed by the root label."""
+    if paths is None:
+        root = default_corpus_root()
+        inc = DEFAULT_CORPUS_INCLUDE if include is None else include
+        exc = DEFAULT_CORPUS_EXCLUDE if exclude is None else exclude
+        # site-packages lives inside the stdlib folder on most installs: prune it by path too.
+        site = [Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")]
+        files = iter_directory(root, inc, exc, skip_dirs=site)
+        return [(root, root.name, [(p, f"{root.name}/{rel}") for p, rel in files])]
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if len(paths) == 0:
+        raise DataError("no data paths given: pass at least one file or directory (or None for the default corpus)")
+    exc = DEFAULT_EXCLUDE if exclude is None else exclude
+    roots = []
+    for p in paths:
+        root = Path(p)
+        if not root.exists():
+            raise DataFileNotFoundError(
+                f"data path '{root}' does not exist: pass an existing file or directory "
+                f"(or leave the data path out to use the default stdlib corpus)"
+            )
+        if root.is_dir():
+            label = root.resolve().name or "root"
+            files = iter_directory(root, include, exc)
+            roots.append((root, label, [(f, f"{label}/{rel}") for f, rel in files]))
+        else:  # a file named explicitly is always read, whatever include/exclude say
+            roots.append((root, root.name, [(root, root.name)]))
+    return roots
+
+
+def read_corpus(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    text_field: str = "text",
+    errors: str = "replace",
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    progress: bool = False,
+) -> Corpus:
+    """Read files into documents.
+
+    Args:
+        paths: a file, a directory, a list of them, or None for the default corpus.
+        include: glob patterns a file must match (None: every file; for the default
+            corpus ``("*.py",)``). See `matches`.
+        exclude: glob patterns that drop files and prune folders (None: hidden files
+            and folders and Python caches; for the default corpus also site-packages).
+        text_field: the field holding the text in ``.jsonl`` files.
+        errors: non-UTF-8 policy, ``"replace"`` or ``"skip"`` (see the module docstring).
+        max_files, max_bytes: read at most this many files / stop once this many bytes
+            were read (files are taken in sorted order). For quick runs and tests.
+        progress: show a tqdm bar.
+
+    Raises:
+        DataFileNotFoundError: a path does not exist.
+        DataError: a bad option, or nothing at all to read.
+    """
+    if errors not in ERROR_POLICIES:
+        raise DataError(f"errors={errors!r} is not a non-UTF-8 policy: use one of {ERROR_POLICIES}")
+    for name, value in (("max_files", max_files), ("max_bytes", max_bytes)):
+        if value is not None and value <= 0:
+            raise DataError(f"{name}={value} must be a positive number (or None for no limit)")
+
+    roots = _resolve_roots(paths, include, exclude)
+    report = CorpusReport(roots=[str(r) for r, _, _ in roots], errors_policy=errors)
+    files = [pair for _, _, pairs in roots for pair in pairs]
+    report.files_matched = len(files)
+    if not files:
+        raise DataError(
+            f"no files found in {report.roots} with include={list(include) if include else None} "
+            f"exclude={list(exclude) if exclude is not None else 'default'}: check the path and the glob patterns"
+        )
+
+    documents: list[Document] = []
+    entries: list[tuple[str, str]] = []  # (key, sha256 of content) for the fingerprint
+    bar = _progress(files, progress, "read corpus", unit="file")
+    for i, (path, key) in enumerate(bar):
+        if (max_files is not None and report.files_read >= max_files) or (
+            max_bytes is not None and report.bytes_read >= max_bytes
+        ):
+            report.skipped_by_limit = len(files) - i
+            break
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            report.skipped_unreadable += 1
+            report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
+            continue
+        report.files_read += 1
+        report.bytes_read += len(data)
+        entries.append((key, hashlib.sha256(data).hexdigest()))
+        if b"\0" in data[:_BINARY_SNIFF_BYTES]:
+            report.skipped_binary += 1
+            report.note("skipped_binary", key)
+            continue
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            documents.extend(_read_jsonl(data, key, text_field, errors, report))
+            continue
+        text, bad = _decode(data, errors)
+        if text is None:
+            report.non_utf8_skipped += 1
+            report.note("non_utf8_skipped", key)
+            continue
+        if bad:
+            report.non_utf8_replaced += 1
+            report.note("non_utf8_replaced", key)
+        documents.append(Document(key, text))
+
+    report.documents = len(documents)
+    report.chars = sum(len(d.text) for d in documents)
+    report.fingerprint = _fingerprint(entries, report.bytes_read)
+    return Corpus(documents, report)
+
+
+def corpus_fingerprint(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+) -> dict:
+    """The fingerprint `read_corpus` would report, without decoding anything.
+
+    Cheap enough (one read + sha256 per file) to check whether a prepared data folder
+    is still up to date with its input."""
+    roots = _resolve_roots(paths, include, exclude)
+    entries: list[tuple[str, str]] = []
+    n_bytes = 0
+    for _, _, pairs in roots:
+        for path, key in pairs:
+            if (max_files is not None and len(entries) >= max_files) or (
+                max_bytes is not None and n_bytes >= max_bytes
+            ):
+                return _fingerprint(entries, n_bytes)
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            n_bytes += len(data)
+            entries.append((key, hashlib.sha256(data).hexdigest()))
+    return _fingerprint(entries, n_bytes)
+
+
+def _progress(iterable, enabled: bool, desc: str, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, **kwargs)
