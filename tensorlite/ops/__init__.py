@@ -1,0 +1,1 @@
+"""Op families, one file each: every op's forward and backward side by side."""

@@ -1,0 +1,623 @@
+"""The Tensor and the whole reverse-mode autograd engine.
+
+A ``Tensor`` wraps one backend array (``numpy.ndarray`` or ``cupy.ndarray``). Every
+differentiable op is a ``Function`` subclass whose ``forward`` and ``backward`` sit side
+by side (in ``tensorlite/ops/``). ``Function.apply`` runs the forward on raw arrays and, when
+gradients are wanted, records the node on the output tensor. ``Tensor.backward`` walks the
+recorded graph in reverse topological order (iteratively: no recursion limit), calls each
+node's ``backward`` once with the summed gradient of its output, accumulates into leaves,
+then frees the graph unless ``retain_graph=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import numpy as np
+
+from . import backend
+
+# ----------------------------------------------------------------------------- dtypes
+float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")
+int8, int16, int32, int64 = np.dtype("int8"), np.dtype("int16"), np.dtype("int32"), np.dtype("int64")
+uint8, bool_ = np.dtype("uint8"), np.dtype("bool")
+_DTYPES = {"float16": float16, "half": float16, "float32": float32, "float": float32,
+           "float64": float64, "double": float64, "int8": int8, "int16": int16,
+           "int32": int32, "int64": int64, "long": int64, "uint8": uint8, "bool": bool_}
+_default_dtype = float32
+
+
+def as_dtype(dtype) -> np.dtype:
+    """Accepts tl.float32, np.float32, 'float32', ... and returns a numpy dtype."""
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "").replace("tl.", "")
+        if key in _DTYPES:
+            return _DTYPES[key]
+        raise TypeError(f"unsupported dtype {dtype!r}: use one of {sorted(set(_DTYPES))}")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unsupported dtype {dtype!r}: use one of {sorted(set(_DTYPES))}") from None
+    if dt.kind not in "fiub":
+        raise TypeError(f"unsupported dtype {dt}: tensors hold float, int or bool data")
+    return dt
+
+
+def get_default_dtype() -> np.dtype:
+    return _default_dtype
+
+
+def set_default_dtype(dtype) -> None:
+    """The float dtype used for Python floats and for randn/zeros without ``dtype=``."""
+    global _default_dtype
+    dt = as_dtype(dtype)
+    if dt.kind != "f":
+        raise TypeError(f"default dtype must be a float dtype, got {dt}")
+    _default_dtype = dt
+
+
+# ----------------------------------------------------------------------------- grad mode
+class _GradMode(threading.local):
+    enabled = True
+
+
+_grad_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    return _grad_mode.enabled
+
+
+class _SetGrad(contextlib.ContextDecorator):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.prev = _grad_mode.enabled
+        _grad_mode.enabled = self.enabled
+
+    def __exit__(self, *exc):
+        _grad_mode.enabled = self.prev
+        return False
+
+
+def no_grad():
+    """Context manager and decorator: ops inside record no graph."""
+    return _SetGrad(False)
+
+
+def enable_grad():
+    return _SetGrad(True)
+
+
+# ----------------------------------------------------------------------------- Function
+class Function:
+    """One differentiable op. Subclasses define
+
+        forward(self, *arrays, **params) -> array      (raw backend arrays in, array out)
+        backward(self, grad) -> grad or tuple of grads  (one per Tensor input, None allowed)
+
+    and save whatever backward needs on ``self``. ``self.needs_input_grad[i]`` tells
+    backward which input gradients are wanted so it can skip the others.
+    """
+    __slots__ = ("parents", "needs_input_grad", "freed", "__dict__")
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        ctx = cls()
+        arrays = [t.data if isinstance(t, Tensor) else t for t in inputs]
+        out = ctx.forward(*arrays, **params)
+        if _grad_mode.enabled:
+            needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
+            if any(needs):
+                ctx.parents = inputs
+                ctx.needs_input_grad = needs
+                ctx.freed = False
+                return Tensor._make(out, True, ctx)
+        return Tensor._make(out, False, None)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` down to ``shape``: the backward of NumPy broadcasting, shared by all ops."""
+    if grad.shape == shape:
+        return grad
+    nd = grad.ndim - len(shape)
+    if nd > 0:
+        grad = grad.sum(axis=tuple(range(nd)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- Tensor
+class Tensor:
+    """An n-dimensional array with reverse-mode automatic differentiation.
+
+    ``grad`` semantics: ``None`` until a backward reaches this leaf; backward *adds* into it;
+    ``zero_grad()`` sets it back to ``None`` (as PyTorch's ``set_to_none=True``).
+    """
+    __slots__ = ("data", "requires_grad", "grad", "_ctx", "_hooks", "_post_hooks", "_version",
+                 "__weakref__", "name")
+    __array_ufunc__ = None  # make numpy defer to our reflected operators (np.float32(2) * t)
+
+    def __init__(self, data, dtype=None, device=None, requires_grad=False):
+        arr = _to_array(data, dtype, device)
+        if requires_grad and arr.dtype.kind != "f":
+            raise TypeError(f"only float tensors can require grad, got dtype {arr.dtype}")
+        self.data = arr
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._ctx = None
+        self._hooks = None
+        self._post_hooks = None
+        self.name = None
+
+    @classmethod
+    def _make(cls, data, requires_grad, ctx):
+        t = object.__new__(cls)
+        t.data = data
+        t.requires_grad = requires_grad
+        t.grad = None
+        t._ctx = ctx
+        t._hooks = None
+        t._post_hooks = None
+        t.name = None
+        return t
+
+    # -- properties --------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    @property
+    def grad_fn(self):
+        return self._ctx
+
+    @property
+    def T(self) -> "Tensor":
+        return self.permute(*reversed(range(self.ndim)))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def dim(self) -> int:
+        return self.data.ndim
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self):
+        extra = ", requires_grad=True" if self.requires_grad else ""
+        if self._ctx is not None:
+            extra = f", grad_fn={self._ctx.name}"
+        dev = "" if self.device == "cpu" else f", device='{self.device}'"
+        body = np.array2string(backend.to_numpy(self.data), separator=", ", precision=4,
+                               threshold=50, prefix="tensor(")
+        return f"tensor({body}, dtype={self.dtype}{dev}{extra})"
+
+    def __bool__(self):
+        if self.data.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous; "
+                             "use .any() or .all()")
+        return bool(self.data)
+
+    def __hash__(self):
+        return id(self)
+
+    # -- conversion ----------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied off the GPU when needed; shares memory on CPU)."""
+        if self.requires_grad and backend.device_of(self.data) == "cpu":
+            return self.data  # PyTorch refuses here; sharing a view is harmless for readers
+        return backend.to_numpy(self.data)
+
+    def tolist(self):
+        return backend.to_numpy(self.data).tolist()
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item(): only a one-element tensor can be converted to a Python "
+                             f"number, this one has shape {self.shape}")
+        return self.data.reshape(-1)[0].item()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor._make(self.data, False, None)
+
+    def detach_(self) -> "Tensor":
+        self._ctx = None
+        self.requires_grad = False
+        return self
+
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if flag and self.dtype.kind != "f":
+            raise TypeError(f"only float tensors can require grad, got dtype {self.dtype}")
+        if self._ctx is not None and not flag:
+            raise RuntimeError("requires_grad_(False) on a non-leaf tensor: use .detach()")
+        self.requires_grad = flag
+        return self
+
+    def to(self, *args, dtype=None, device=None) -> "Tensor":
+        """``t.to("cuda")``, ``t.to(tl.float64)``, ``t.to("cpu", tl.float32)``. Differentiable."""
+        for a in args:
+            if isinstance(a, str) and not _is_dtype_name(a):
+                device = a
+            else:
+                dtype = a
+        out = self
+        if device is not None:
+            from .ops.elementwise import ToDevice
+            if backend.parse_device(device) != backend.parse_device(self.device):
+                out = ToDevice.apply(out, device=device)
+        if dtype is not None and as_dtype(dtype) != out.dtype:
+            out = out.astype(dtype)
+        return out
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, index: int = 0):
+        return self.to(f"cuda:{index}")
+
+    def astype(self, dtype) -> "Tensor":
+        from .ops.elementwise import Cast
+        dt = as_dtype(dtype)
+        if dt == self.dtype:
+            return self
+        return Cast.apply(self, dtype=dt)
+
+    def float(self):
+        return self.astype(float32)
+
+    def double(self):
+        return self.astype(float64)
+
+    def half(self):
+        return self.astype(float16)
+
+    def long(self):
+        return self.astype(int64)
+
+    def clone(self) -> "Tensor":
+        from .ops.elementwise import Clone
+        return Clone.apply(self)
+
+    def contiguous(self) -> "Tensor":
+        return self
+
+    # -- autograd ------------------------------------------------------------
+    def register_hook(self, hook):
+        """``hook(grad) -> Tensor | None`` runs when this tensor's gradient is computed;
+        a returned tensor replaces the gradient. Returns a handle with ``.remove()``."""
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that does not require grad")
+        if self._hooks is None:
+            self._hooks = []
+        self._hooks.append(hook)
+        return _HookHandle(self._hooks, hook)
+
+    def register_post_accumulate_grad_hook(self, hook):
+        """``hook(tensor)`` runs on a leaf after its ``.grad`` has been accumulated in a backward
+        pass (data parallelism launches its bucketed all-reduce from here)."""
+        if self._ctx is not None:
+            raise RuntimeError("post-accumulate-grad hooks are for leaf tensors only")
+        if self._post_hooks is None:
+            self._post_hooks = []
+        self._post_hooks.append(hook)
+        return _HookHandle(self._post_hooks, hook)
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Reverse-mode autodiff from this tensor into every leaf that requires grad."""
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require grad and has no grad_fn "
+                               "(did you create it under no_grad(), or forget requires_grad=True?)")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward(): grad can be implicitly created only for scalar "
+                                   f"outputs, this tensor has shape {self.shape}; pass grad=")
+            g = backend.xp_of(self.data).ones_like(self.data)
+        else:
+            g = grad.data if isinstance(grad, Tensor) else backend.xp_of(self.data).asarray(grad)
+            if g.shape != self.shape:
+                raise RuntimeError(f"backward(): grad has shape {g.shape} but the tensor has "
+                                   f"shape {self.shape}")
+            if g.dtype != self.dtype:
+                g = g.astype(self.dtype)
+        _run_backward(self, g, retain_graph)
+
+    # -- operators (defined in ops/, bound here) --------------------------------
+    def __add__(self, o): return _ew.add(self, o)
+    def __radd__(self, o): return _ew.add(o, self)
+    def __sub__(self, o): return _ew.sub(self, o)
+    def __rsub__(self, o): return _ew.sub(o, self)
+    def __mul__(self, o): return _ew.mul(self, o)
+    def __rmul__(self, o): return _ew.mul(o, self)
+    def __truediv__(self, o): return _ew.div(self, o)
+    def __rtruediv__(self, o): return _ew.div(o, self)
+    def __pow__(self, o): return _ew.pow(self, o)
+    def __rpow__(self, o): return _ew.pow(o, self)
+    def __neg__(self): return _ew.Neg.apply(self)
+    def __pos__(self): return self
+    def __abs__(self): return _ew.Abs.apply(self)
+    def __matmul__(self, o): return _mm.matmul(self, o)
+    def __rmatmul__(self, o): return _mm.matmul(o, self)
+    def __getitem__(self, idx): return _ix.getitem(self, idx)
+    def __setitem__(self, idx, value): _ix.setitem_(self, idx, value)
+
+    def __eq__(self, o): return _ew.compare(self, o, "equal")
+    def __ne__(self, o): return _ew.compare(self, o, "not_equal")
+    def __lt__(self, o): return _ew.compare(self, o, "less")
+    def __le__(self, o): return _ew.compare(self, o, "less_equal")
+    def __gt__(self, o): return _ew.compare(self, o, "greater")
+    def __ge__(self, o): return _ew.compare(self, o, "greater_equal")
+    def __invert__(self): return _ew.logical_not(self)
+    def __and__(self, o): return _ew.logical(self, o, "logical_and")
+    def __or__(self, o): return _ew.logical(self, o, "logical_or")
+
+    # -- in-place (no graph: for optimizers and initialisation; refuse on graph tensors) --
+    def _inplace_check(self, what):
+        if _grad_mode.enabled and self.requires_grad:
+            raise RuntimeError(f"{what}: in-place change of a tensor that requires grad; "
+                               "wrap it in tl.no_grad() (as optimizers do)")
+
+    def __iadd__(self, o):
+        self._inplace_check("+=")
+        self.data += o.data if isinstance(o, Tensor) else o
+        return self
+
+    def __isub__(self, o):
+        self._inplace_check("-=")
+        self.data -= o.data if isinstance(o, Tensor) else o
+        return self
+
+    def __imul__(self, o):
+        self._inplace_check("*=")
+        self.data *= o.data if isinstance(o, Tensor) else o
+        return self
+
+    def __itruediv__(self, o):
+        self._inplace_check("/=")
+        self.data /= o.data if isinstance(o, Tensor) else o
+        return self
+
+    def copy_(self, src) -> "Tensor":
+        self._inplace_check("copy_")
+        arr = src.data if isinstance(src, Tensor) else src
+        self.data[...] = backend.to_device(arr, self.device) if backend.device_of(arr) != self.device else arr
+        return self
+
+    def fill_(self, value) -> "Tensor":
+        self._inplace_check("fill_")
+        self.data[...] = value
+        return self
+
+    def zero_(self) -> "Tensor":
+        return self.fill_(0)
+
+    def normal_(self, mean=0.0, std=1.0, generator=None) -> "Tensor":
+        from .random import randn_like_array
+        self._inplace_check("normal_")
+        self.data[...] = randn_like_array(self.data, generator) * std + mean
+        return self
+
+    def uniform_(self, low=0.0, high=1.0, generator=None) -> "Tensor":
+        from .random import rand_like_array
+        self._inplace_check("uniform_")
+        self.data[...] = rand_like_array(self.data, generator) * (high - low) + low
+        return self
+
+    # -- methods that mirror functions ----------------------------------------
+    def exp(self): return _ew.Exp.apply(self)
+    def log(self): return _ew.Log.apply(self)
+    def sqrt(self): return _ew.Sqrt.apply(self)
+    def tanh(self): return _ew.Tanh.apply(self)
+    def sigmoid(self): return _ew.Sigmoid.apply(self)
+    def relu(self): return _ew.Relu.apply(self)
+    def abs(self): return _ew.Abs.apply(self)
+    def clip(self, min=None, max=None): return _ew.clip(self, min, max)
+    clamp = clip
+    def pow(self, e): return _ew.pow(self, e)
+    def sum(self, dim=None, keepdim=False): return _rd.sum(self, dim, keepdim)
+    def mean(self, dim=None, keepdim=False): return _rd.mean(self, dim, keepdim)
+    def max(self, dim=None, keepdim=False): return _rd.max(self, dim, keepdim)
+    def min(self, dim=None, keepdim=False): return _rd.min(self, dim, keepdim)
+    def var(self, dim=None, keepdim=False, correction=1, unbiased=None):
+        return _rd.var(self, dim, keepdim, correction, unbiased)
+    def std(self, dim=None, keepdim=False, correction=1, unbiased=None):
+        return _rd.var(self, dim, keepdim, correction, unbiased).sqrt()
+    def argmax(self, dim=None, keepdim=False): return _rd.argmax(self, dim, keepdim)
+    def argmin(self, dim=None, keepdim=False): return _rd.argmin(self, dim, keepdim)
+    def any(self, dim=None): return _rd.any(self, dim)
+    def all(self, dim=None): return _rd.all(self, dim)
+    def logsumexp(self, dim=-1, keepdim=False): return _nnops.logsumexp(self, dim, keepdim)
+    def softmax(self, dim=-1): return _nnops.softmax(self, dim)
+    def log_softmax(self, dim=-1): return _nnops.log_softmax(self, dim)
+    def reshape(self, *shape): return _sh.reshape(self, *shape)
+    def view(self, *shape): return _sh.reshape(self, *shape)
+    def flatten(self, start_dim=0, end_dim=-1): return _sh.flatten(self, start_dim, end_dim)
+    def transpose(self, d0, d1): return _sh.transpose(self, d0, d1)
+    def permute(self, *dims): return _sh.permute(self, *dims)
+    def squeeze(self, dim=None): return _sh.squeeze(self, dim)
+    def unsqueeze(self, dim): return _sh.unsqueeze(self, dim)
+    def expand(self, *shape): return _sh.expand(self, *shape)
+    def split(self, split_size, dim=0): return _sh.split(self, split_size, dim)
+    def chunk(self, chunks, dim=0): return _sh.chunk(self, chunks, dim)
+    def masked_fill(self, mask, value): return _ix.masked_fill(self, mask, value)
+    def take(self, indices): return _ix.take(self, indices)
+    def matmul(self, o): return _mm.matmul(self, o)
+
+
+class _HookHandle:
+    def __init__(self, hooks, hook):
+        self.hooks, self.hook = hooks, hook
+
+    def remove(self):
+        if self.hook in self.hooks:
+            self.hooks.remove(self.hook)
+
+
+def _is_dtype_name(s: str) -> bool:
+    return s.replace("torch.", "").replace("tl.", "") in _DTYPES
+
+
+def _to_array(data, dtype, device):
+    """Build a backend array from Python data, a NumPy/CuPy array or a Tensor."""
+    if isinstance(data, Tensor):
+        data = data.data
+    dt = as_dtype(dtype) if dtype is not None else None
+    if isinstance(data, np.generic):
+        data = np.asarray(data)  # NumPy scalars keep their dtype, as NumPy arrays do
+    if backend.is_cupy_array(data) or isinstance(data, np.ndarray):
+        arr = data
+        if dt is not None and arr.dtype != dt:
+            arr = arr.astype(dt)
+    else:
+        arr = np.asarray(data)
+        if dt is None:
+            if arr.dtype.kind == "f":
+                arr = arr.astype(_default_dtype, copy=False)   # Python floats -> float32
+            elif arr.dtype.kind in "iu" and arr.dtype != np.int64:
+                arr = arr.astype(np.int64)
+        else:
+            arr = arr.astype(dt, copy=False)
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"cannot make a tensor from data of dtype {arr.dtype} "
+                            f"(type {type(data).__name__})")
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"unsupported dtype {arr.dtype}: tensors hold float, int or bool data")
+    if device is not None and backend.parse_device(device) != backend.parse_device(backend.device_of(arr)):
+        arr = backend.to_device(arr, device)
+    return arr
+
+
+# ----------------------------------------------------------------------------- backward
+def _topo_order(root: Tensor) -> list:
+    """Tensors reachable from ``root`` that need grad, each after all tensors that use it
+    (reverse post-order of an iterative DFS, so a 10,000-op chain is fine)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        ctx = t._ctx
+        if ctx is not None:
+            if ctx.freed:
+                raise RuntimeError(
+                    f"backward(): trying to backward through the graph a second time (the "
+                    f"buffers of {ctx.name} were freed after the first backward); call "
+                    f"backward(retain_graph=True) the first time if you need to")
+            for p in ctx.parents:
+                if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
+                    stack.append((p, False))
+    order.reverse()
+    return order
+
+
+def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
+    order = _topo_order(root)
+    grads = {id(root): grad}
+    given = {id(grad)}   # arrays already handed to a leaf (or owned by the caller)
+    with no_grad():
+        for t in order:
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            if t._hooks:
+                for hook in t._hooks:
+                    r = hook(Tensor._make(g, False, None))
+                    if r is not None:
+                        g = r.data if isinstance(r, Tensor) else r
+            ctx = t._ctx
+            if ctx is None:  # a leaf: accumulate
+                if t.grad is None:
+                    # a leaf's .grad must own its memory: optimizers and clipping update it in
+                    # place, and add/reshape backwards hand the same array to several inputs
+                    if id(g) in given or g.base is not None:
+                        g = g.copy()
+                    given.add(id(g))
+                    t.grad = Tensor._make(g, False, None)
+                else:
+                    t.grad.data = t.grad.data + g
+                if t._post_hooks:
+                    for hook in t._post_hooks:
+                        hook(t)
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for p, pg, need in zip(ctx.parents, in_grads, ctx.needs_input_grad):
+                if not need or pg is None:
+                    continue
+                if pg.shape != p.data.shape:  # a broadcast the op did not reduce
+                    pg = unbroadcast(pg, p.data.shape)
+                if pg.dtype != p.data.dtype:
+                    pg = pg.astype(p.data.dtype)
+                k = id(p)
+                prev = grads.get(k)
+                grads[k] = pg if prev is None else prev + pg
+            if not retain_graph:
+                _free(ctx)
+
+
+def _free(ctx) -> None:
+    parents_kept = ()
+    ctx.__dict__.clear()          # saved arrays
+    ctx.parents = parents_kept    # intermediates can now be garbage-collected
+    ctx.freed = True
+
+
+# late imports: the op families import Tensor and Function from this module
+from .ops import elementwise as _ew  # noqa: E402
+from .ops import reduce as _rd  # noqa: E402
+from .ops import shape as _sh  # noqa: E402
+from .ops import indexing as _ix  # noqa: E402
+from .ops import matmul as _mm  # noqa: E402
+from .ops import nn as _nnops  # noqa: E402

@@ -1,0 +1,41 @@
+import os
+
+import numpy as np
+import pytest
+
+import tensorlite as tl
+
+# keep BLAS to the machine's 2 cores and hypothesis quick on CI
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+try:
+    from hypothesis import settings
+    settings.register_profile("ci", max_examples=30, deadline=None)
+    settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    tl.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if tl.cuda_available():
+        return
+    skip = pytest.mark.skip(reason=f"GPU test skipped: {tl.cuda_unavailable_reason()}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
