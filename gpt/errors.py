@@ -20,3 +20,24 @@ class DataError(ValueError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A path given to the pipeline (or a file it expected to find) does not exist."""
+
+
+def build_config(cls, value, what: str):
+    """Turn ``None`` / a dict of overrides / an instance into a config dataclass ``cls``.
+
+    Unknown keys are a `DataError` naming the key and the valid ones (a misspelt
+    threshold must not be silently ignored). ``what`` names the stage in the message.
+    """
+    import dataclasses
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise DataError(f"unknown {what} option(s) {unknown}: valid options are {names}")
+        return cls(**value)
+    raise DataError(f"{what} options must be a dict or {cls.__name__}, got {type(value).__name__}")
