@@ -36,10 +36,10 @@ def check_same_device(op: str, *tensors) -> None:
 def _wrap(x, like: Tensor):
     """A non-Tensor operand: Python/NumPy scalars stay scalars (weak dtype), arrays become
     Tensors on ``like``'s device."""
+    if isinstance(x, np.generic):  # before float: np.float64 subclasses float but is strong
+        return x.item()
     if isinstance(x, (bool, int, float)):
         return x
-    if isinstance(x, np.generic):
-        return x.item()
     if isinstance(x, (list, tuple)) or isinstance(x, np.ndarray) or backend.is_cupy_array(x):
         return Tensor(x, device=like.device)
     raise TypeError(f"unsupported operand of type {type(x).__name__}; use a Tensor or a number")
