@@ -1,0 +1,203 @@
+"""nn.functional: each fused op equals its composed reference (values and gradients) and is
+gradient-checked in float64."""
+import numpy as np
+import pytest
+
+import nn
+import tensorlite as tl
+from nn import functional as F
+from nn import reference as R
+
+
+def t64(rng, *shape, scale=1.0):
+    return tl.tensor(np.asarray(rng.standard_normal(shape) * scale), requires_grad=True)
+
+
+def grads_of(fn, inputs):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    w = np.random.default_rng(5).standard_normal(out.shape)
+    out.backward(tl.tensor(w, dtype=out.dtype))
+    return out.numpy().copy(), [t.grad.numpy().copy() for t in inputs]
+
+
+def assert_fused_equals_reference(fused, ref, inputs, rtol=1e-10, atol=1e-12):
+    of, gf = grads_of(fused, inputs)
+    orf, gr = grads_of(ref, inputs)
+    np.testing.assert_allclose(of, orf, rtol=rtol, atol=atol)
+    for a, b in zip(gf, gr):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def test_linear(rng):
+    x, w, b = t64(rng, 2, 3, 4), t64(rng, 5, 4), t64(rng, 5)
+    assert_fused_equals_reference(F.linear, R.linear, [x, w, b])
+    assert tl.gradcheck(F.linear, [x, w, b])
+    assert tl.gradcheck(lambda x, w: F.linear(x, w), [t64(rng, 3, 4), w])
+
+
+def test_gelu_tanh_and_exact(rng):
+    x = t64(rng, 3, 7, scale=2.0)
+    assert_fused_equals_reference(lambda x: F.gelu(x, "tanh"), R.gelu_tanh, [x])
+    assert tl.gradcheck(lambda x: F.gelu(x, "tanh"), [x])
+    assert tl.gradcheck(lambda x: F.gelu(x), [x])
+    # exact GELU is x * Phi(x); compare with the normal CDF by math.erf
+    import math
+    ref = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.numpy().ravel()])
+    np.testing.assert_allclose(F.gelu(x).numpy().ravel(), ref, rtol=1e-12, atol=1e-14)
+
+
+def test_silu_relu(rng):
+    x = t64(rng, 4, 5)
+    np.testing.assert_allclose(F.silu(x).numpy(), x.numpy() / (1 + np.exp(-x.numpy())))
+    assert tl.gradcheck(F.silu, [x])
+    assert tl.gradcheck(F.relu, [x])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(rng, affine):
+    x = t64(rng, 2, 3, 6, scale=3.0)
+    w, b = (t64(rng, 6), t64(rng, 6)) if affine else (None, None)
+    ins = [x, w, b] if affine else [x]
+    fused = (lambda x, w, b: F.layer_norm(x, 6, w, b)) if affine else (lambda x: F.layer_norm(x, 6))
+    ref = (lambda x, w, b: R.layer_norm(x, w, b)) if affine else (lambda x: R.layer_norm(x))
+    assert_fused_equals_reference(fused, ref, ins, rtol=1e-9, atol=1e-11)
+    assert tl.gradcheck(fused, ins)
+    y = F.layer_norm(x, 6).numpy()
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(-1), 1, rtol=1e-4)
+
+
+def test_rms_norm(rng):
+    x, w = t64(rng, 3, 8), t64(rng, 8)
+    assert_fused_equals_reference(lambda x, w: F.rms_norm(x, 8, w), lambda x, w: R.rms_norm(x, w),
+                                  [x, w])
+    assert tl.gradcheck(lambda x, w: F.rms_norm(x, 8, w), [x, w])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy(rng, reduction):
+    logits = t64(rng, 2, 5, 7, scale=3.0)
+    targets = tl.tensor(rng.integers(0, 7, (2, 5)))
+    targets.data[0, 1] = -100                       # ignored
+    fused = lambda z: F.cross_entropy(z, targets, reduction=reduction)  # noqa: E731
+    ref = lambda z: R.cross_entropy(z, targets, reduction=reduction)    # noqa: E731
+    assert_fused_equals_reference(fused, ref, [logits])
+    assert tl.gradcheck(fused, [logits])
+    if reduction == "none":
+        assert fused(logits).shape == (2, 5) and fused(logits).numpy()[0, 1] == 0
+
+
+def test_cross_entropy_float32_matches_float64_reference(rng):
+    z = rng.standard_normal((64, 50)) * 4
+    t = rng.integers(0, 50, 64)
+    f32 = F.cross_entropy(tl.tensor(z.astype(np.float32)), t)
+    assert f32.dtype == tl.float32
+    ref = (np.log(np.exp(z).sum(1)) - z[np.arange(64), t]).mean()
+    assert abs(f32.item() - ref) < 1e-5
+
+
+def test_cross_entropy_label_smoothing(rng):
+    z = t64(rng, 4, 6)
+    t = rng.integers(0, 6, 4)
+    ls = 0.1
+    out = F.cross_entropy(z, t, label_smoothing=ls)
+    logp = z.numpy() - np.log(np.exp(z.numpy()).sum(1, keepdims=True))
+    ref = -((1 - ls) * logp[np.arange(4), t] + ls * logp.mean(1)).mean()
+    assert out.item() == pytest.approx(ref, rel=1e-12)
+    assert tl.gradcheck(lambda z: F.cross_entropy(z, t, label_smoothing=ls), [z])
+
+
+def test_cross_entropy_errors(rng):
+    z = tl.randn(3, 4)
+    with pytest.raises(IndexError, match="target 9 is out of range for 4 classes"):
+        F.cross_entropy(z, [0, 9, 1])
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 4\) need targets of shape \(3,\), got \(2,\)"):
+        F.cross_entropy(z, [0, 1])
+    with pytest.raises(TypeError, match="integer class ids"):
+        F.cross_entropy(z, tl.tensor([0.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_reference(rng, causal):
+    q, k, v = t64(rng, 2, 3, 5, 4), t64(rng, 2, 3, 5, 4), t64(rng, 2, 3, 5, 4)
+    fused = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa
+    ref = lambda q, k, v: R.attention(q, k, v, is_causal=causal)  # noqa
+    assert_fused_equals_reference(fused, ref, [q, k, v])
+    assert tl.gradcheck(fused, [q, k, v])
+
+
+def test_attention_masks_and_cross_lengths(rng):
+    q, k, v = t64(rng, 2, 2, 3, 4), t64(rng, 2, 2, 6, 4), t64(rng, 2, 2, 6, 5)
+    mask = rng.standard_normal((3, 6)) > -0.5
+    mask[:, 0] = True  # every query sees something
+    fused = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=tl.tensor(mask))  # noqa
+    assert_fused_equals_reference(fused, lambda q, k, v: R.attention(q, k, v, mask=mask), [q, k, v])
+    assert tl.gradcheck(fused, [q, k, v])
+    # causal with fewer queries than keys: the queries are the last positions
+    causal = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa
+    assert_fused_equals_reference(causal, lambda q, k, v: R.attention(q, k, v, is_causal=True),
+                                  [q, k, v])
+    additive = rng.standard_normal((3, 6))
+    fused_add = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=additive)  # noqa
+    assert_fused_equals_reference(fused_add, lambda q, k, v: R.attention(q, k, v, mask=additive),
+                                  [q, k, v])
+
+
+def test_attention_causality(rng):
+    # changing a future key/value must not change earlier outputs
+    q, k, v = (tl.tensor(rng.standard_normal((1, 1, 6, 4))) for _ in range(3))
+    out1 = F.scaled_dot_product_attention(q, k, v, is_causal=True).numpy()
+    k.data[..., 4:, :] += 5
+    v.data[..., 4:, :] -= 3
+    out2 = F.scaled_dot_product_attention(q, k, v, is_causal=True).numpy()
+    np.testing.assert_allclose(out1[..., :4, :], out2[..., :4, :], rtol=1e-6)
+    assert not np.allclose(out1[..., 4:, :], out2[..., 4:, :])
+
+
+def test_attention_dropout_seeded(rng):
+    q, k, v = t64(rng, 1, 2, 4, 3), t64(rng, 1, 2, 4, 3), t64(rng, 1, 2, 4, 3)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.3,
+                                              generator=tl.Generator(11))
+    a, b = f(q, k, v).numpy(), f(q, k, v).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, F.scaled_dot_product_attention(q, k, v, is_causal=True).numpy())
+    assert tl.gradcheck(f, [q, k, v])
+
+
+def test_dropout(rng):
+    x = t64(rng, 200, 50)
+    y = F.dropout(x, 0.25, training=True, generator=tl.Generator(3))
+    zero_frac = (y.numpy() == 0).mean()
+    assert 0.22 < zero_frac < 0.28
+    kept = y.numpy() != 0
+    np.testing.assert_allclose(y.numpy()[kept], x.numpy()[kept] / 0.75)
+    assert F.dropout(x, 0.25, training=False) is x
+    assert tl.gradcheck(lambda x: F.dropout(x, 0.5, generator=tl.Generator(1)), [t64(rng, 3, 4)])
+    with pytest.raises(ValueError, match="p must be in"):
+        nn.Dropout(1.5)
+
+
+def test_rotary_matches_reference_and_preserves_norm(rng):
+    rope = nn.RotaryEmbedding(8, max_len=32).double()
+    x = t64(rng, 2, 3, 5, 8)
+    y = rope(x, offset=4)
+    np.testing.assert_allclose(np.linalg.norm(y.numpy(), axis=-1), np.linalg.norm(x.numpy(), axis=-1))
+    # composed: x * cos + rotate_half(x) * sin
+    h = 4
+    cos = np.concatenate([rope.cos.numpy()[4:9]] * 2, -1)
+    sin = np.concatenate([rope.sin.numpy()[4:9]] * 2, -1)
+    xn = x.numpy()
+    rot = np.concatenate([-xn[..., h:], xn[..., :h]], -1)
+    np.testing.assert_allclose(y.numpy(), xn * cos + rot * sin, rtol=1e-12, atol=1e-12)
+    assert tl.gradcheck(lambda x: rope(x, 4), [x])
+    # relative: <R(p) q, R(p+d) k> depends on d only
+    q, k = rng.standard_normal(8), rng.standard_normal(8)
+    def dot(p, d):
+        a = rope(tl.tensor(q.reshape(1, 1, 1, 8)), p).numpy().ravel()
+        b = rope(tl.tensor(k.reshape(1, 1, 1, 8)), p + d).numpy().ravel()
+        return a @ b
+    assert dot(0, 3) == pytest.approx(dot(7, 3), rel=1e-6)  # tables built in float32
