@@ -1,0 +1,168 @@
+"""Batches of (input, target) token blocks from a shard, reproducible and resumable.
+
+Last stage of the data pipeline. A batch is ``(x, y)``, two int64 arrays of shape
+(batch_size, block_size) where ``y[:, t] == x[:, t + 1]`` in the token stream: the model
+predicts every next token of every row.
+
+Modes
+-----
+* ``"random"`` (training): each row starts at a uniformly random offset. The offsets of
+  step ``s`` come from ``np.random.default_rng([seed, s])``, a generator seeded by the
+  step itself, so batch ``s`` is a pure function of (data, seed, s). Resuming therefore
+  only needs the step counter: `state_dict` is a tiny JSON-able dict, and a run resumed
+  from it sees exactly the batches it would have seen (no generator state to pickle).
+* ``"sequential"`` (evaluation): the stream is cut into non-overlapping windows of
+  ``block_size + 1`` tokens (consecutive windows share their boundary token), taken in
+  order, ``batch_size`` per step, wrapping around at the end; `steps_per_epoch` steps
+  see every window at least once.
+
+The shard is memory-mapped afresh for each batch and released right after, so the
+process never keeps a growing set of touched pages mapped (the NumPy memmap "leak"
+seen when one map is held through a long run); opening a map is a system call, cheap
+next to a forward pass. An in-memory array can be passed instead of a path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gpt.errors import DataError
+from gpt.shards import HEADER_SIZE, read_header
+
+MODES = ("random", "sequential")
+STATE_VERSION = 1
+
+
+class BatchLoader:
+    """Yields ``(x, y)`` int64 arrays of shape (batch_size, block_size), forever.
+
+    Args:
+        source: a shard path (see `gpt.shards`) or a 1-D integer array of token ids.
+        batch_size: rows per batch.
+        block_size: tokens per row (the model's context length).
+        seed: the random-mode seed (ignored by sequential mode, kept in the state).
+        mode: ``"random"`` or ``"sequential"``.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | np.ndarray,
+        batch_size: int,
+        block_size: int,
+        seed: int = 0,
+        mode: str = "random",
+    ):
+        for name, value in (("batch_size", batch_size), ("block_size", block_size)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise DataError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise DataError(f"seed={seed!r} must be a non-negative integer")
+        if mode not in MODES:
+            raise DataError(f"mode={mode!r} is not a loader mode: use one of {MODES}")
+        self.batch_size, self.block_size, self.seed, self.mode = int(batch_size), int(block_size), int(seed), mode
+        self.step = 0
+
+        if isinstance(source, (str, os.PathLike)):
+            header = read_header(source)
+            self._path: Path | None = Path(source)
+            self._array = None
+            self._dtype = header.dtype
+            self.n_tokens = header.count
+            self.name = str(source)
+        else:
+            array = np.asarray(source)
+            if array.ndim != 1 or array.dtype.kind not in "iu":
+                raise DataError(f"token array must be 1-D integers, got shape {array.shape} dtype {array.dtype}")
+            self._path, self._array, self._dtype = None, array, array.dtype
+            self.n_tokens = len(array)
+            self.name = "token array"
+        if self.n_tokens < self.block_size + 1:
+            raise DataError(
+                f"block_size={self.block_size} is too large for {self.name}: it has {self.n_tokens} tokens and "
+                f"one row needs block_size + 1 = {self.block_size + 1}; use a smaller block_size or more data"
+            )
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def num_windows(self) -> int:
+        """Sequential mode: the number of non-overlapping windows in the stream."""
+        return (self.n_tokens - 1) // self.block_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Sequential mode: steps that see every window at least once."""
+        return -(-self.num_windows // self.batch_size)
+
+    def starts(self, step: int) -> np.ndarray:
+        """Row start offsets of batch ``step``, (batch_size,) int64."""
+        if self.mode == "random":
+            rng = np.random.default_rng([self.seed, int(step)])
+            return rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size, dtype=np.int64)
+        windows = (int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)) % self.num_windows
+        return windows * self.block_size
+
+    # ------------------------------------------------------------------ batches
+
+    def _tokens(self) -> np.ndarray:
+        if self._array is not None:
+            return self._array
+        return np.memmap(self._path, dtype=self._dtype, mode="r", offset=HEADER_SIZE, shape=(self.n_tokens,))
+
+    def get_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch number ``step`` (does not move the loader's position)."""
+        tokens = self._tokens()
+        width = self.block_size + 1
+        rows = np.empty((self.batch_size, width), dtype=np.int64)  # (batch, block + 1)
+        for r, s in enumerate(self.starts(step).tolist()):
+            rows[r] = tokens[s : s + width]  # contiguous read from the map
+        del tokens  # unmap
+        return rows[:, :-1], rows[:, 1:]
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        batch = self.get_batch(self.step)
+        self.step += 1
+        return batch
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.next_batch()
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """A small JSON-able dict: enough to resume at exactly the next batch."""
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "seed": self.seed,
+            "step": self.step,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "n_tokens": self.n_tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict`. The seed and step are taken from the state; the batch
+        geometry and the data must match, or the resumed batches would differ."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        for key in ("mode", "batch_size", "block_size", "n_tokens"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(
+                    f"loader state has {key}={state.get(key)!r} but this loader has {key}={getattr(self, key)!r}: "
+                    f"build the loader with the same data and options to resume"
+                )
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchLoader({self.name!r}, batch_size={self.batch_size}, block_size={self.block_size}, "
+            f"seed={self.seed}, mode={self.mode!r}, step={self.step}, n_tokens={self.n_tokens})"
+        )
