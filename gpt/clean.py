@@ -136,9 +136,7 @@ def _count_alnum_and_non_whitespace(text: str) -> tuple[int, int]:
     fast path through ``bytes.translate`` (about 10x faster than a regex over 30 MB)."""
     if text.isascii():
         data = text.encode("ascii")
-        return len(data) - len(data.translate(None, _ASCII_ALNUM)), len(data) - len(
-            data.translate(None, _ASCII_WHITESPACE)
-        )
+        return len(data) - len(data.translate(None, _ASCII_ALNUM)), len(data.translate(None, _ASCII_WHITESPACE))
     non_ws = len(text) - len(_WHITESPACE_RUN.sub("", text))
     alnum = len(text) - len(_ALNUM_RUN.sub("", text))
     return alnum, non_ws
