@@ -137,7 +137,7 @@ def _count_alnum_and_non_whitespace(text: str) -> tuple[int, int]:
     if text.isascii():
         data = text.encode("ascii")
         return len(data) - len(data.translate(None, _ASCII_ALNUM)), len(data.translate(None, _ASCII_WHITESPACE))
-    non_ws = len(text) - len(_WHITESPACE_RUN.sub("", text))
+    non_ws = len(_WHITESPACE_RUN.sub("", text))
     alnum = len(text) - len(_ALNUM_RUN.sub("", text))
     return alnum, non_ws
 
