@@ -1,0 +1,99 @@
+"""gpt.loader: batch shapes, determinism, exact resume, sequential coverage."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gpt.errors import DataError
+from gpt.loader import BatchLoader
+from gpt.shards import write_shard
+
+N = 5000
+
+
+@pytest.fixture
+def shard(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 1000, size=N)
+    path = tmp_path / "train.bin"
+    write_shard(path, tokens, vocab_size=1000)
+    return path, tokens
+
+
+def test_batches_are_shifted_windows_of_the_data(shard):
+    path, tokens = shard
+    loader = BatchLoader(path, batch_size=4, block_size=16, seed=0)
+    starts = loader.starts(0)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == np.int64
+    for row, s in enumerate(starts):
+        np.testing.assert_array_equal(x[row], tokens[s : s + 16])
+        np.testing.assert_array_equal(y[row], tokens[s + 1 : s + 17])
+    assert loader.step == 1
+
+
+def test_same_seed_same_batches_other_seed_other_batches(shard):
+    path, tokens = shard
+    a = BatchLoader(path, 8, 32, seed=5)
+    b = BatchLoader(tokens, 8, 32, seed=5)  # an in-memory array gives the same batches
+    c = BatchLoader(path, 8, 32, seed=6)
+    for _ in range(5):
+        xa, ya = next(a)
+        xb, yb = next(b)
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert not np.array_equal(a.get_batch(0)[0], c.get_batch(0)[0])
+    assert not np.array_equal(a.get_batch(0)[0], a.get_batch(1)[0])
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_resume_gives_identical_next_batches(shard, mode):
+    path, _ = shard
+    original = BatchLoader(path, 4, 64, seed=11, mode=mode)
+    for _ in range(7):
+        original.next_batch()
+    state = json.loads(json.dumps(original.state_dict()))  # it survives a JSON checkpoint
+    expected = [original.next_batch() for _ in range(3)]
+    resumed = BatchLoader(path, 4, 64, seed=0, mode=mode)
+    resumed.load_state_dict(state)
+    assert resumed.seed == 11 and resumed.step == 7
+    for ex, ey in expected:
+        x, y = resumed.next_batch()
+        assert np.array_equal(x, ex) and np.array_equal(y, ey)
+
+
+def test_sequential_mode_covers_every_window(shard):
+    path, tokens = shard
+    loader = BatchLoader(path, batch_size=3, block_size=100, mode="sequential")
+    assert loader.num_windows == (N - 1) // 100 == 49
+    assert loader.steps_per_epoch == 17
+    seen = set()
+    for step in range(loader.steps_per_epoch):
+        starts = loader.starts(step)
+        x, y = loader.next_batch()
+        for row, start in enumerate(starts.tolist()):
+            np.testing.assert_array_equal(x[row], tokens[start : start + 100])
+            np.testing.assert_array_equal(y[row], tokens[start + 1 : start + 101])
+            seen.add(start)
+    assert seen == set(range(0, 4900, 100))  # every window, at least once
+    first = BatchLoader(path, batch_size=3, block_size=100, mode="sequential").get_batch(0)[0]
+    np.testing.assert_array_equal(first.ravel(), tokens[:300])  # in order, no gaps
+
+
+def test_block_size_too_large_is_a_clear_error(shard):
+    path, _ = shard
+    with pytest.raises(DataError, match=rf"block_size=5000 is too large for .*train.bin: it has {N} tokens"):
+        BatchLoader(path, 2, N)
+    BatchLoader(path, 2, N - 1).next_batch()  # exactly block_size + 1 tokens is enough
+
+
+def test_state_mismatch_and_bad_options(shard):
+    path, _ = shard
+    state = BatchLoader(path, 4, 32).state_dict()
+    with pytest.raises(DataError, match="block_size=32 but this loader has block_size=64"):
+        BatchLoader(path, 4, 64).load_state_dict(state)
+    with pytest.raises(DataError, match="mode='shuffled'"):
+        BatchLoader(path, 4, 32, mode="shuffled")
+    with pytest.raises(DataError, match="batch_size=0"):
+        BatchLoader(path, 0, 32)
+    with pytest.raises(DataError, match="1-D integers"):
+        BatchLoader(np.zeros((10, 10)), 1, 2)
