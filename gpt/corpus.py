@@ -212,15 +212,17 @@ def _resolve_roots(
     paths: str | os.PathLike | Sequence[str | os.PathLike] | None,
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
+    skip_dirs: Sequence[str | os.PathLike] = (),
 ) -> list[tuple[Path, str, list[tuple[Path, str]]]]:
     """(root, label, [(file, key)]) for each input path, keys prefixed by the root label."""
+    skip_dirs = [Path(p) for p in skip_dirs]
     if paths is None:
         root = default_corpus_root()
         inc = DEFAULT_CORPUS_INCLUDE if include is None else include
         exc = DEFAULT_CORPUS_EXCLUDE if exclude is None else exclude
         # site-packages lives inside the stdlib folder on most installs: prune it by path too.
         site = [Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")]
-        files = iter_directory(root, inc, exc, skip_dirs=site)
+        files = iter_directory(root, inc, exc, skip_dirs=site + skip_dirs)
         return [(root, root.name, [(p, f"{root.name}/{rel}") for p, rel in files])]
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -237,7 +239,7 @@ def _resolve_roots(
             )
         if root.is_dir():
             label = root.resolve().name or "root"
-            files = iter_directory(root, include, exc)
+            files = iter_directory(root, include, exc, skip_dirs=skip_dirs)
             roots.append((root, label, [(f, f"{label}/{rel}") for f, rel in files]))
         else:  # a file named explicitly is always read, whatever include/exclude say
             roots.append((root, root.name, [(root, root.name)]))
@@ -253,6 +255,7 @@ def read_corpus(
     errors: str = "replace",
     max_files: int | None = None,
     max_bytes: int | None = None,
+    skip_dirs: Sequence[str | os.PathLike] = (),
     progress: bool = False,
 ) -> Corpus:
     """Read files into documents.
@@ -267,6 +270,8 @@ def read_corpus(
         errors: non-UTF-8 policy, ``"replace"`` or ``"skip"`` (see the module docstring).
         max_files, max_bytes: read at most this many files / stop once this many bytes
             were read (files are taken in sorted order). For quick runs and tests.
+        skip_dirs: folders never descended into (prepare passes its output folder, so
+            a data folder prepared inside its own input is not read back as input).
         progress: show a tqdm bar.
 
     Raises:
@@ -279,7 +284,7 @@ def read_corpus(
         if value is not None and value <= 0:
             raise DataError(f"{name}={value} must be a positive number (or None for no limit)")
 
-    roots = _resolve_roots(paths, include, exclude)
+    roots = _resolve_roots(paths, include, exclude, skip_dirs)
     report = CorpusReport(roots=[str(r) for r, _, _ in roots], errors_policy=errors)
     files = [pair for _, _, pairs in roots for pair in pairs]
     report.files_matched = len(files)
@@ -337,12 +342,13 @@ def corpus_fingerprint(
     exclude: Sequence[str] | None = None,
     max_files: int | None = None,
     max_bytes: int | None = None,
+    skip_dirs: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """The fingerprint `read_corpus` would report, without decoding anything.
 
     Cheap enough (one read + sha256 per file) to check whether a prepared data folder
     is still up to date with its input."""
-    roots = _resolve_roots(paths, include, exclude)
+    roots = _resolve_roots(paths, include, exclude, skip_dirs)
     entries: list[tuple[str, str]] = []
     n_bytes = 0
     for _, _, pairs in roots:

@@ -22,8 +22,9 @@ at the line boundary nearest to ``1 - val_fraction`` of its length instead.
 write for the same options and the same input (corpus fingerprint); ``ensure_prepared``
 prepares only when needed, so the default corpus is prepared once and reused.
 
-Timing (2 cores, Python 3.11, the 31.5 MB stdlib, bpe 4096): about 15 s in total, see
-the final report of the data-pipeline work for the exact figures per stage.
+Timing (2 cores, Python 3.11, the 31.5 MB / 1790-file stdlib, bpe 4096): about 10 s in
+total (read 0.2 s, clean 0.7 s, dedup 2.3 s, tokenizer training 4 s, encode + write 3 s);
+each stage's time is in report.json.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def prepare(
     t = time.perf_counter()
     corpus = read_corpus(
         data, include=include, exclude=exclude, text_field=text_field, errors=errors,
-        max_files=max_files, max_bytes=max_bytes, progress=progress,
+        max_files=max_files, max_bytes=max_bytes, skip_dirs=[out], progress=progress,
     )
     t = lap("read", t)
     docs, clean_report = clean_documents(corpus.documents, options["clean"], progress=progress)
@@ -262,7 +263,8 @@ def prepare(
     # split by document, before the tokenizer sees anything
     single = len(docs) == 1 and val_fraction > 0
     if single:
-        train_docs, val_docs = map(lambda d: [d], _split_single_document(docs[0], val_fraction))
+        head, tail = _split_single_document(docs[0], val_fraction)
+        train_docs, val_docs = [head], [tail]
     else:
         train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
         train_docs = [docs[i] for i in train_idx]
@@ -423,7 +425,7 @@ def is_prepared(
         try:
             fingerprint = corpus_fingerprint(
                 data, include=wanted["include"], exclude=wanted["exclude"],
-                max_files=wanted["max_files"], max_bytes=wanted["max_bytes"],
+                max_files=wanted["max_files"], max_bytes=wanted["max_bytes"], skip_dirs=[out_dir],
             )
         except DataError:
             return False

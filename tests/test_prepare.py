@@ -183,3 +183,11 @@ def test_default_corpus_subset(tmp_path):
     assert not is_prepared(out, None, tokenizer="bpe", vocab_size=600, max_files=41)
     _, tok, train_path, _ = load_prepared(out)
     assert tok.decode(np.asarray(read_shard(train_path)[:200])).strip()  # real text comes back
+
+
+def test_output_folder_inside_the_input_is_not_read_back(user_dir):
+    out = user_dir / "prepared"
+    first = prepare(user_dir, out, tokenizer="byte", progress=False)
+    second = prepare(user_dir, out, tokenizer="byte", progress=False)
+    assert second["corpus"] == first["corpus"] and second["train"] == first["train"]
+    assert is_prepared(out, user_dir, tokenizer="byte")
