@@ -7,11 +7,13 @@ float32 state; bias-correction factors are Python floats, which never upcast an 
 
 Speed: an update is a handful of in-place ufunc passes over each parameter with one
 scratch array per parameter (``m -= g; m *= beta1; m += g`` is ``beta1*m + (1-beta1)*g``
-without a temporary). A flat-buffer "fused" AdamW (all params of a group in one array)
-was measured on the CPU and was slower (copying the grads into the flat buffer costs more
-than the per-parameter call overhead it saves: 41 ms vs 24 ms for 14M parameters), so
-there is one implementation, written so that a CuPy elementwise kernel can replace
-``_adam_update`` later.
+without a temporary). On NumPy, Adam(W) runs those passes over cache-sized blocks of each
+parameter (``_adam_update_blocked``, bit-identical to the whole-array ``_adam_update``,
+~20% faster at 10M parameters). A flat-buffer "fused" AdamW (all params of a group in one
+array) was measured and not kept: copying the grads into the flat buffer costs more than
+the per-parameter call overhead it saves (1.5x slower; 0.95x with blocking, still slower
+than blocking per parameter). On CuPy a single elementwise kernel per parameter is the
+next step (one read of p, g, m, v instead of ten passes).
 
 ``state_dict()`` follows PyTorch: ``{"state": {index: {name: array | int}}, "param_groups":
 [{hyperparameters..., "params": [index, ...]}]}`` with parameters numbered in group order.
@@ -326,6 +328,26 @@ def _adam_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, e
     p -= tmp
 
 
+# Elements per block on the CPU: a block of p, g, m, v and the scratch array (5 x 256 KiB
+# in float32) stays in a core's L2 cache across the ten passes of the update.
+_CPU_BLOCK = 1 << 16
+
+
+def _adam_update_blocked(p, g, m, v, *args) -> None:
+    """``_adam_update`` over cache-sized blocks of each parameter (NumPy only). The result is
+    bit-identical (each element sees the same operations); on a ~10M-parameter model the step
+    is ~20% faster on a 2-core CPU, because the intermediate passes hit the cache instead of
+    memory. On CuPy one kernel per pass over the whole array is already the fast way."""
+    n = _CPU_BLOCK
+    if (backend.is_cupy_array(p) or p.size <= n or
+            not all(a.flags.c_contiguous for a in (p, g, m, v))):
+        _adam_update(p, g, m, v, *args)
+        return
+    pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)   # views
+    for s in range(0, pf.size, n):
+        _adam_update(pf[s:s + n], gf[s:s + n], mf[s:s + n], vf[s:s + n], *args)
+
+
 class Adam(Optimizer):
     """Adam (Kingma & Ba, 2015) as PyTorch's ``Adam``; ``weight_decay`` is L2: it is added to
     the gradient (``g + weight_decay * p``) before the moments, so it is scaled by Adam's
@@ -357,8 +379,9 @@ class Adam(Optimizer):
         wd = group["weight_decay"]
         if not self._decoupled and wd != 0:
             g = g + wd * p       # L2: a new array; the .grad is left as backward made it
-        _adam_update(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                     beta1, beta2, group["eps"], wd if self._decoupled else 0.0)
+        _adam_update_blocked(p, g, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                             group["lr"], beta1, beta2, group["eps"],
+                             wd if self._decoupled else 0.0)
 
 
 class AdamW(Adam):
