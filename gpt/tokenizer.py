@@ -87,7 +87,9 @@ class Tokenizer(ABC):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise DataError(f"token id {bad[0]} is out of range for this {self.kind} tokenizer (vocab_size={self.vocab_size})")
+            raise DataError(
+                f"token id {bad[0]} is out of range for this {self.kind} tokenizer (vocab_size={self.vocab_size})"
+            )
         return ids
 
     def __repr__(self) -> str:
@@ -253,7 +255,9 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         if model_type not in SENTENCEPIECE_KINDS:
-            raise DataError(f"model_type={model_type!r} is not a sentencepiece model type: use one of {SENTENCEPIECE_KINDS}")
+            raise DataError(
+                f"model_type={model_type!r} is not a sentencepiece model type: use one of {SENTENCEPIECE_KINDS}"
+            )
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size <= 0:
             raise DataError(f"vocab_size={vocab_size!r} must be a positive integer")
         minimum = 5 + 256  # 4 specials + "\n", 256 byte pieces
@@ -263,7 +267,7 @@ class SentencePieceTokenizer(Tokenizer):
                 f"than {minimum} pieces (4 specials, newline, 256 bytes); pass a vocab_size > {minimum}, or use the "
                 f"byte tokenizer"
             )
-        spm.set_random_generator_seed(seed)
+        spm.set_random_generator_seed(seed)  # process-global in sentencepiece: seeds the sentence sampling
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
