@@ -6,14 +6,15 @@ Every update works in place on ``p.data`` through the array module of the data
 float32 state; bias-correction factors are Python floats, which never upcast an array.
 
 Speed: an update is a handful of in-place ufunc passes over each parameter with one
-scratch array per parameter (``m -= g; m *= beta1; m += g`` is ``beta1*m + (1-beta1)*g``
-without a temporary). On NumPy, Adam(W) runs those passes over cache-sized blocks of each
-parameter (``_adam_update_blocked``, bit-identical to the whole-array ``_adam_update``,
-~20% faster at 10M parameters). A flat-buffer "fused" AdamW (all params of a group in one
-array) was measured and not kept: copying the grads into the flat buffer costs more than
-the per-parameter call overhead it saves (1.5x slower; 0.95x with blocking, still slower
-than blocking per parameter). On CuPy a single elementwise kernel per parameter is the
-next step (one read of p, g, m, v instead of ten passes).
+scratch array per parameter (``tmp = (1-beta1)*g; m *= beta1; m += tmp``, and so on). On
+NumPy, Adam(W) makes those passes over cache-sized blocks of each parameter
+(``_adam_update_blocked``: bit-identical to the whole-array ``_adam_update``, 1.2x faster).
+A flat-buffer "fused" AdamW (all params of a group in one array) was measured and not kept:
+copying the grads into the flat buffer costs more than the per-parameter call overhead it
+saves. AdamW step, 10.3M float32 params in 52 tensors, 2-core CPU: blocked 12.9 ms, plain
+15.5 ms, flat buffer 24.0 ms, flat buffer in blocks 15.8 ms, textbook NumPy 23.1 ms. On
+CuPy, one elementwise kernel per parameter (one read of p, g, m, v instead of ten passes)
+is the next step.
 
 ``state_dict()`` follows PyTorch: ``{"state": {index: {name: array | int}}, "param_groups":
 [{hyperparameters..., "params": [index, ...]}]}`` with parameters numbered in group order.
@@ -314,10 +315,10 @@ def _adam_update(p, g, m, v, step: int, lr: float, beta1: float, beta2: float, e
     s = math.sqrt(1.0 - beta2 ** step)
     if decoupled_wd != 0:
         p *= 1.0 - lr * decoupled_wd
-    m -= g                       # m = beta1 * (m - g) + g = beta1*m + (1-beta1)*g
+    tmp = xp.multiply(g, 1.0 - beta1)      # the one scratch array, reused below
     m *= beta1
-    m += g
-    tmp = xp.multiply(g, g)      # the one scratch array, reused below
+    m += tmp
+    xp.multiply(g, g, out=tmp)
     tmp *= 1.0 - beta2
     v *= beta2
     v += tmp
