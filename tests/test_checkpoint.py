@@ -1,6 +1,7 @@
 """Checkpoints: exact round trip, exact resume, clear errors, crash safety."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,7 +119,7 @@ def test_keep_and_unique_names(tmp_path):
         save_checkpoint(tmp_path, model, opt, extra={"step": step}, keep=2)
     names = sorted(n for n in os.listdir(tmp_path) if n != "latest")
     assert names == ["step-00000002-1", "step-00000003"]
-    assert json.load(open(tmp_path / "step-00000003" / "meta.json"))["seq"] == 4
+    assert json.loads((tmp_path / "step-00000003" / "meta.json").read_text())["seq"] == 4
     save_checkpoint(tmp_path, model, opt, extra={"step": 4})    # keep=1
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000004"]
 
@@ -141,7 +142,7 @@ def test_save_state_dict_file(tmp_path):
 def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
     model = Net()
     f = save_state_dict(model.state_dict(), tmp_path / "w.safetensors")
-    data = open(f, "rb").read()
+    data = Path(f).read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     (tmp_path / "text.safetensors").write_bytes(b"this is not a safetensors file at all")
     (tmp_path / "empty.safetensors").write_bytes(b"")
@@ -162,12 +163,12 @@ def test_truncated_checkpoint_file(tmp_path):
     opt = make_opt(model)
     folder = save_checkpoint(tmp_path, model, opt)
     f = os.path.join(folder, "optim.safetensors")
-    data = open(f, "rb").read()
-    open(f, "wb").write(data[: len(data) // 2])
+    data = Path(f).read_bytes()
+    Path(f).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"optim.safetensors has \d+ bytes but was saved "
                                               r"with \d+: it is truncated"):
         load_checkpoint(tmp_path, Net(), make_opt(Net()))
-    open(os.path.join(folder, "meta.json"), "w").write('{"format": "tensorlite-che')
+    Path(folder, "meta.json").write_text('{"format": "tensorlite-che')
     with pytest.raises(CheckpointError, match="meta.json is not readable JSON"):
         load_checkpoint(tmp_path, Net())
 
@@ -223,8 +224,8 @@ def _fail_after_half(monkeypatch, fail_on: str):
     def flaky(arrays, path, metadata):
         real(arrays, path, metadata)
         if os.path.basename(path) == fail_on:
-            data = open(path, "rb").read()
-            open(path, "wb").write(data[: len(data) // 2])
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck, "_save_file", flaky)
@@ -299,7 +300,7 @@ def test_crash_in_single_file_write_keeps_old_file(tmp_path, monkeypatch):
     saved = params_of(model)
 
     def flaky(arrays, path, metadata):
-        open(path, "wb").write(b"\x00" * 100)          # a partial write, then the failure
+        Path(path).write_bytes(b"\x00" * 100)          # a partial write, then the failure
         raise OSError(5, "I/O error")
 
     monkeypatch.setattr(ck, "_save_file", flaky)
