@@ -1,0 +1,309 @@
+"""tensorlite-gpt: prepare | train | sample | eval | bench.
+
+A thin layer over gpt.prepare, gpt.train and gpt.model: every option maps to a field of a
+config dataclass; a TOML file (--config) may set any of them and the command line overrides
+it. User mistakes end in one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = "data/stdlib"
+
+# option -> (type, help); names follow nanoGPT's
+TRAIN_OPTIONS = {
+    "data": (str, f"prepared data folder (default {DEFAULT_DATA}: the Python standard library, "
+                  "prepared on first use)"),
+    "out": (str, "run folder for checkpoints, log.jsonl, loss.png (default runs/gpt)"),
+    "preset": (str, "model size: tiny | small | medium (default tiny)"),
+    "n_layer": (int, "transformer blocks"),
+    "n_head": (int, "attention heads"),
+    "d_model": (int, "width of the residual stream"),
+    "block_size": (int, "context length in tokens"),
+    "dropout": (float, "dropout probability (default 0)"),
+    "positional": (str, "learned | sinusoidal | rope (default learned)"),
+    "batch_size": (int, "sequences per micro-batch (default 16)"),
+    "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
+    "max_steps": (int, "optimizer steps (default 1000)"),
+    "lr": (float, "peak learning rate (default 2e-3)"),
+    "min_lr": (float, "final learning rate of the cosine decay (default 2e-4)"),
+    "warmup_steps": (int, "linear warmup steps (default min(50, max_steps / 10))"),
+    "weight_decay": (float, "AdamW decoupled weight decay on matrices (default 0.1)"),
+    "beta1": (float, "AdamW beta1 (default 0.9)"),
+    "beta2": (float, "AdamW beta2 (default 0.95)"),
+    "grad_clip": (float, "clip the global gradient norm to this, 0 = off (default 1.0)"),
+    "eval_interval": (int, "steps between evaluations and checkpoints (default 250)"),
+    "eval_steps": (int, "validation batches per evaluation (default 20)"),
+    "log_interval": (int, "steps between log records (default 10)"),
+    "ckpt_interval": (int, "steps between checkpoints (default: every evaluation)"),
+    "seed": (int, "random seed (default 1337)"),
+    "device": (str, "cpu | cuda | cuda:N (default cpu)"),
+    "dtype": (str, "float32 | float64 | float16 (default float32)"),
+    "samples": (int, "samples printed at the end (default 3)"),
+    "sample_tokens": (int, "tokens per sample (default 120)"),
+}
+TRAIN_FLAGS = {
+    "resume": "continue from the latest checkpoint in --out, exactly",
+    "skip_nonfinite": "skip steps whose loss is inf/nan instead of stopping",
+    "no_bias": "no biases in linear layers and norms",
+    "post_ln": "post-LN blocks (LayerNorm(x + Sublayer(x)), the original transformer)",
+    "untied": "a separate LM head instead of the token embedding's matrix",
+    "no_progress": "no progress bar",
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        d = tomllib.loads(p.read_text())
+    except Exception as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def _merge(args, fields: dict, flags: dict, section: str) -> dict:
+    """TOML (top level or [section]) < command line."""
+    out = {}
+    if getattr(args, "config", None):
+        d = _load_toml(args.config)
+        d = {**{k: v for k, v in d.items() if not isinstance(v, dict)}, **d.get(section, {})}
+        known = set(fields) | set(flags)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"config file {args.config}: unknown option(s) {unknown} for "
+                             f"'{section}'")
+        out.update(d)
+    for k in fields:
+        v = getattr(args, k, None)
+        if v is not None:
+            out[k] = v
+    for k in flags:
+        if getattr(args, k, False):
+            out[k] = True
+    return out
+
+
+def _train_config(args):
+    from .train import TrainConfig
+    d = _merge(args, TRAIN_OPTIONS, TRAIN_FLAGS, "train")
+    if d.pop("no_bias", False):
+        d["bias"] = False
+    if d.pop("post_ln", False):
+        d["norm_first"] = False
+    if d.pop("untied", False):
+        d["tie_weights"] = False
+    if d.pop("no_progress", False):
+        d["progress"] = False
+    return TrainConfig.from_dict(d)
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_prepare(args) -> int:
+    from .prepare import prepare
+    d = _merge(args, PREPARE_OPTIONS, {}, "prepare")
+    data = d.pop("data", None)
+    out = d.pop("out", DEFAULT_DATA)
+    prepare(data=data, out_dir=out, **d)
+    print(f"prepared data in {out}: train with  tensorlite-gpt train --data {out}")
+    return 0
+
+
+PREPARE_OPTIONS = {
+    "data": (str, "text file, folder or .jsonl to prepare (default: the Python standard "
+                  "library's own sources)"),
+    "out": (str, f"output folder (default {DEFAULT_DATA})"),
+    "tokenizer": (str, "bpe | unigram | char | byte (default bpe)"),
+    "vocab_size": (int, "tokenizer vocabulary size (default 4096; byte: 256+specials)"),
+    "seed": (int, "seed for the train/validation split (default 0)"),
+}
+
+
+def ensure_default_data(data: str, say=print) -> None:
+    """The default corpus is prepared on first use and reused afterwards."""
+    from .prepare import is_prepared, prepare
+    if data == DEFAULT_DATA and not is_prepared(data):
+        say(f"preparing the default corpus (the Python standard library) into {data} ...")
+        prepare(data=None, out_dir=data)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    cfg = _train_config(args)
+    ensure_default_data(cfg.data)
+    summary = train(cfg)
+    if summary["interrupted"]:
+        return 130
+    print(f"\ndone: step {summary['step']}, best validation loss {summary['best_val_loss']:.4f} "
+          f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
+          f"loss.png in {summary['out']}")
+    return 0
+
+
+def _load_run(out: str, which: str, device: str):
+    """(model, tokenizer, meta) from a run folder written by train."""
+    from nn import checkpoint as ckpt
+
+    from .model import GPT, GPTConfig
+    from .tokenizer import load_tokenizer
+    path = Path(out) / "ckpt" / which
+    if not path.is_dir() or ckpt.latest_checkpoint(path) is None:
+        raise UsageError(f"no checkpoint at {path}: train first (tensorlite-gpt train --out {out})")
+    meta = ckpt.load_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
+    ckpt.load_checkpoint(path, model=model)
+    tok_files = [Path(out) / n for n in ("tokenizer.model", "tokenizer.json")]
+    tok = load_tokenizer(next((f for f in tok_files if f.exists()), tok_files[0]))
+    return model, tok, meta
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    model, tok, _ = _load_run(args.out, args.which, args.device)
+    prompt = args.prompt if args.prompt is not None else ""
+    ids = tok.encode(prompt)
+    if not ids:
+        ids = [tok.bos_id if tok.bos_id is not None and tok.bos_id >= 0 else tok.encode("\n")[0]]
+    bs = model.config.block_size
+    if len(ids) > bs:
+        print(f"note: the prompt has {len(ids)} tokens; keeping the last {bs} (the block size)",
+              file=sys.stderr)
+        ids = ids[-bs:]
+    for n in range(args.num_samples):
+        if n:
+            print("\n" + "-" * 72)
+        sys.stdout.write(prompt)
+        new, shown = [], ""
+        for nxt in model.generate_stream(np.array([ids]), args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k,
+                                         top_p=args.top_p, seed=args.seed + n):
+            new.append(int(nxt[0]))
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import math
+
+    from .loader import BatchLoader
+    from .prepare import load_prepared
+    from .train import evaluate
+    model, _, meta = _load_run(args.out, args.which, args.device)
+    data = args.data or meta["extra"]["train_config"]["data"]
+    _, _, _, val_path = load_prepared(data)
+    loader = BatchLoader(val_path, args.batch_size, model.config.block_size, mode="sequential")
+    steps = loader.steps_per_epoch if args.eval_steps is None else min(args.eval_steps,
+                                                                        loader.steps_per_epoch)
+    loss = evaluate(model, loader, steps)
+    print(json.dumps({"val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
+                      "batches": steps, "checkpoint": str(Path(args.out) / "ckpt" / args.which)}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        from bench.gpt_bench import main as bench_main
+    except ImportError:
+        raise UsageError("the benchmark lives in the source tree's bench/ folder: run it from a "
+                         "checkout (python -m bench.gpt_bench)") from None
+    return bench_main(args.bench_args)
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,bench}")
+
+    pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
+    for k, (t, h) in PREPARE_OPTIONS.items():
+        pp.add_argument(_opt(k), dest=k, type=t, default=None, help=h)
+    pp.add_argument("--config", help="TOML file with options (a [prepare] table or top level)")
+    pp.set_defaults(func=cmd_prepare)
+
+    pt = sub.add_parser("train", help="pretrain a GPT (no arguments: the default corpus and "
+                                      "the tiny preset, a few minutes on a laptop CPU)")
+    for k, (t, h) in TRAIN_OPTIONS.items():
+        pt.add_argument(_opt(k), dest=k, type=t, default=None, help=h)
+    for k, h in TRAIN_FLAGS.items():
+        pt.add_argument(_opt(k), dest=k, action="store_true", help=h)
+    pt.add_argument("--config", help="TOML file with options (a [train] table or top level)")
+    pt.set_defaults(func=cmd_train)
+
+    for name, helptext in (("sample", "generate text from a trained run, streamed"),
+                           ("eval", "validation loss of a trained run")):
+        ps = sub.add_parser(name, help=helptext)
+        ps.add_argument("--out", default="runs/gpt", help="run folder (default runs/gpt)")
+        ps.add_argument("--which", default="best", choices=["best", "latest"],
+                        help="checkpoint to load (default best)")
+        ps.add_argument("--device", default="cpu")
+        if name == "sample":
+            ps.add_argument("--prompt", default=None, help="text to continue")
+            ps.add_argument("--max-new-tokens", type=int, default=200)
+            ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+            ps.add_argument("--top-k", type=int, default=None)
+            ps.add_argument("--top-p", type=float, default=None)
+            ps.add_argument("--num-samples", type=int, default=1)
+            ps.add_argument("--seed", type=int, default=0)
+            ps.set_defaults(func=cmd_sample)
+        else:
+            ps.add_argument("--data", default=None, help="prepared data (default: the run's)")
+            ps.add_argument("--batch-size", type=int, default=16)
+            ps.add_argument("--eval-steps", type=int, default=None,
+                            help="batches (default: the whole validation split)")
+            ps.set_defaults(func=cmd_eval)
+
+    pb = sub.add_parser("bench", help="training and generation speed vs PyTorch (bench/)")
+    pb.add_argument("bench_args", nargs=argparse.REMAINDER)
+    pb.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    from gpt.errors import DataError
+    from nn.checkpoint import CheckpointError
+
+    from .model import ConfigError
+    from .train import TrainingError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"tensorlite-gpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # user-facing errors from the layers below (a bad shape, a missing file, no GPU)
+        print(f"tensorlite-gpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
