@@ -1,0 +1,68 @@
+"""Helpers for benchmarking on a small shared machine (Linux only; from the team's
+../shared/bench/benchutil.py).
+
+The machine has 2 cores and other sessions may run work on it at the same time, which
+silently halves a 2-thread benchmark. CpuMonitor measures how much CPU *other* processes
+used while a benchmark ran (system-wide busy time from /proc/stat minus this process's own
+CPU time), so a contaminated run can be flagged instead of trusted.
+"""
+import os
+import resource
+import time
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat():
+    """(busy CPU-seconds, stolen CPU-seconds) machine-wide since boot; zeros off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    idle = v[3] + v[4]
+    steal = v[7] if len(v) > 7 else 0
+    return (sum(v[:8]) - idle - steal) / _HZ, steal / _HZ
+
+
+def _own_cpu():
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class CpuMonitor:
+    """with CpuMonitor() as m: ...; then m.other_cores = average number of cores kept busy
+    by other processes during the block (0 = quiet, 1 = one of two cores was taken)."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.busy0, self.steal0 = _proc_stat()
+        self.own0 = _own_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = max(time.perf_counter() - self.t0, 1e-9)
+        busy1, steal1 = _proc_stat()
+        own1 = _own_cpu()
+        self.other_cores = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / self.wall
+        self.steal_cores = (steal1 - self.steal0) / self.wall
+        self.own_cores = (own1 - self.own0) / self.wall
+        return False
+
+
+def wait_for_quiet(threshold=0.15, window=1.0, max_wait=120.0):
+    """Block until other processes use < threshold cores over `window` seconds (or max_wait
+    passes). Returns the last measured other-process load."""
+    t_end = time.perf_counter() + max_wait
+    while True:
+        with CpuMonitor() as m:
+            time.sleep(window)
+        if m.other_cores < threshold or time.perf_counter() > t_end:
+            return m.other_cores
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
