@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.benchutil import CpuMonitor, peak_rss_mb
+from bench.benchutil import CpuMonitor, peak_rss_mb, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the shared reference's configs (../shared/bench/README.md)
@@ -317,12 +317,13 @@ def table(cfg_name: str, res: dict, libs: list[str], peak: float) -> str:
             ("train peak RSS MB", lambda lib: train[lib] and train[lib]["peak_rss_mb"]),
         ]
     if any(gen.values()):
+        g0 = next(r for r in gen.values() if r)
         rows += [
             ("gen KV-cache tokens/s", lambda lib: gen[lib] and gen[lib]["kv_tokens_per_s"]),
             ("gen no-cache tokens/s", lambda lib: gen[lib] and gen[lib]["nocache_tokens_per_s"]),
-            (f"KV ms/token @pos ~{CONFIGS[cfg_name]['block_size'] // 4}",
+            (f"KV ms/token @pos ~{g0['kv_pos_quarter']}",
              lambda lib: gen[lib] and gen[lib]["kv_ms_quarter"]),
-            (f"KV ms/token @pos ~{CONFIGS[cfg_name]['block_size'] - 8}",
+            (f"KV ms/token @pos ~{g0['kv_pos_end']}",
              lambda lib: gen[lib] and gen[lib]["kv_ms_end"]),
             ("KV end / quarter", lambda lib: gen[lib] and gen[lib]["kv_ms_end"] / gen[lib]["kv_ms_quarter"]),
             ("no-cache end / quarter",
@@ -383,6 +384,9 @@ def parse_args(argv):
     ap.add_argument("--unset-openblas-env", action="store_true",
                     help=f"run the measurements without {' and '.join(OPENBLAS_VARS)} "
                          "(which make OpenBLAS use a slower kernel)")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to go "
+                         "quiet (default 0: don't wait)")
     ap.add_argument("--profile", action="store_true",
                     help="also print a cProfile of tensorlite's training steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -435,6 +439,8 @@ def main(argv=None) -> int:
                  for c in configs for lib in libs]
     runs: dict = {}
     for job in jobs:
+        if args.wait_quiet > 0:
+            wait_for_quiet(CONTENDED, max_wait=args.wait_quiet)
         t0 = time.perf_counter()
         try:
             r = run_job(job, env)

@@ -1,0 +1,35 @@
+"""bench.gpt_bench runs end to end on a micro model, tensorlite side only (no timing checks)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+import bench.gpt_bench as gb  # noqa: E402
+
+MICRO = dict(vocab_size=64, n_layer=1, n_head=2, d_model=32, block_size=16, batch_size=2)
+
+
+def test_train_and_gen_micro():
+    r = gb.train_tensorlite(MICRO, steps=2, warmup=1)
+    for k in ("step_ms", "fwd_ms", "bwd_ms", "opt_ms", "tokens_per_s", "other_cores"):
+        assert r[k] >= 0, k
+    assert r["params"] > 0 and r["flops_per_token"] > 6 * 0.9 * r["params"]
+    g = gb.run_gen("tensorlite", MICRO, threads=1)
+    assert g["gen_tokens"] == MICRO["block_size"] - 1
+    assert g["kv_tokens_per_s"] > 0 and g["nocache_tokens_per_s"] > 0
+    assert g["cache_matches_nocache"]          # greedy: same tokens with and without the cache
+
+    gb.CONFIGS["micro"] = MICRO
+    try:
+        res = {("train", "micro", "tensorlite"): gb._med([{**r, "peak_rss_mb": 1.0}]),
+               ("gen", "micro", "tensorlite"): g}
+        md = gb.table("micro", res, ["tensorlite"], peak=100.0)
+    finally:
+        del gb.CONFIGS["micro"]
+    assert md.startswith("| metric | tensorlite |") and "MFU %" in md and "KV end / quarter" in md
+
+
+def test_main_usage_exit_codes(capsys):
+    assert gb.main(["--help"]) == 0
+    assert gb.main(["--config", "nope"]) == 2
+    assert gb.main(["--steps", "0"]) == 2
+    assert gb.blas_info()["threads"]
