@@ -69,10 +69,12 @@ def blas_info() -> dict:
             lib = ctypes.CDLL(path)
             for pre, suf in (("", ""), ("scipy_", "64_"), ("scipy_", "")):
                 core = getattr(lib, f"{pre}openblas_get_corename{suf}", None)
+                conf = getattr(lib, f"{pre}openblas_get_config{suf}", None)
                 nth = getattr(lib, f"{pre}openblas_get_num_threads{suf}", None)
-                if core and nth:
-                    core.restype = ctypes.c_char_p
-                    return {"lib": "openblas", "version": None, "kernel": core().decode(),
+                if core and conf and nth:
+                    core.restype = conf.restype = ctypes.c_char_p
+                    version = conf().decode().split()[1]      # "OpenBLAS 0.3.31 ..."
+                    return {"lib": "openblas", "version": version, "kernel": core().decode(),
                             "threads": nth(), "via": "ctypes"}
     except OSError:
         pass
@@ -258,8 +260,11 @@ def run_job(job: dict, env: dict) -> dict:
     return json.loads(payload[-1][5:])
 
 
-def worker_env(unset_openblas: bool) -> dict:
+def worker_env(unset_openblas: bool, threads: int | None = None) -> dict:
     env = dict(os.environ)
+    if threads:
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if unset_openblas:
         for k in OPENBLAS_VARS:
@@ -384,6 +389,9 @@ def parse_args(argv):
     ap.add_argument("--unset-openblas-env", action="store_true",
                     help=f"run the measurements without {' and '.join(OPENBLAS_VARS)} "
                          "(which make OpenBLAS use a slower kernel)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/OpenMP threads for both libraries (default: NumPy's BLAS "
+                         "default, i.e. all cores; torch gets the same number)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each run, wait up to S seconds for other processes to go "
                          "quiet (default 0: don't wait)")
@@ -391,8 +399,8 @@ def parse_args(argv):
                     help="also print a cProfile of tensorlite's training steps")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
-        ap.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or (args.threads or 1) < 1:
+        ap.error("need --steps >= 1, --warmup >= 0, --repeats >= 1, --threads >= 1")
     return args
 
 
@@ -405,12 +413,12 @@ def main(argv=None) -> int:
         print("JSON " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     t_start = time.perf_counter()
-    env = worker_env(args.unset_openblas_env)
+    env = worker_env(args.unset_openblas_env, args.threads)
     try:
         info = run_job({"kind": "info"}, env)
         other = None
         if any(os.environ.get(k) for k in OPENBLAS_VARS):     # the other setting, for reference
-            other = run_job({"kind": "info"}, worker_env(not args.unset_openblas_env))
+            other = run_job({"kind": "info"}, worker_env(not args.unset_openblas_env, args.threads))
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
