@@ -84,6 +84,24 @@ class MultiHeadAttention(Module):
         b, t, c = x.shape
         if c != self.d_model:
             raise ValueError(f"MultiHeadAttention: input has {c} features, expected {self.d_model}")
+        if kv_cache is None and attn_mask is None:
+            # the fast path for training: one fused op from the packed projection
+            y = self._packed_attention(self.qkv(x))
+            return self.resid_dropout(self.proj(y))
+        return self.resid_dropout(self.proj(self._attention(x, kv_cache, attn_mask)))
+
+    def _packed_attention(self, qkv: Tensor) -> Tensor:
+        """(B, T, 3C) -> (B, T, C) with ops.SelfAttention (reference: ``_attention``)."""
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary.tables(qkv.shape[1], 0, qkv.dtype)
+        return ops.SelfAttention.apply(
+            qkv, n_head=self.n_head, is_causal=self.causal,
+            dropout_p=self.dropout_p if self.training else 0.0, cos=cos, sin=sin)
+
+    def _attention(self, x: Tensor, kv_cache=None, attn_mask=None) -> Tensor:
+        """The general path, step by step: split q, k, v, rotate, cache, attend, merge."""
+        b, t, c = x.shape
         q, k, v = self.qkv(x).split(self.d_model, dim=-1)          # 3 x (B, T, C)
         q, k, v = self._heads(q, b, t), self._heads(k, b, t), self._heads(v, b, t)
         offset = kv_cache.length if kv_cache is not None else 0
@@ -94,8 +112,7 @@ class MultiHeadAttention(Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal,
             dropout_p=self.dropout_p if self.training else 0.0)     # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.resid_dropout(self.proj(y))
+        return y.transpose(1, 2).reshape(b, t, c)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_head={self.n_head}, causal={self.causal}"

@@ -64,11 +64,14 @@ class RotaryEmbedding(Module):
         self.register_buffer("cos", tl.tensor(np.cos(ang), dtype=dt), persistent=False)
         self.register_buffer("sin", tl.tensor(np.sin(ang), dtype=dt), persistent=False)
 
+    def tables(self, t: int, offset: int, dtype):
+        """cos, sin arrays (T, D/2) for positions offset .. offset + T - 1."""
+        _check_range("RotaryEmbedding", offset, t, self.max_len)
+        return (self.cos.data[offset:offset + t].astype(dtype, copy=False),
+                self.sin.data[offset:offset + t].astype(dtype, copy=False))
+
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        t = x.shape[-2]
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"RotaryEmbedding: last dim {x.shape[-1]} != head_dim {self.head_dim}")
-        _check_range("RotaryEmbedding", offset, t, self.max_len)
-        cos = self.cos.data[offset:offset + t].astype(x.dtype, copy=False)
-        sin = self.sin.data[offset:offset + t].astype(x.dtype, copy=False)
+        cos, sin = self.tables(x.shape[-2], offset, x.dtype)
         return ops.Rotary.apply(x, cos=cos, sin=sin)

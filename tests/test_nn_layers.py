@@ -217,3 +217,32 @@ def test_post_ln_and_pre_ln_follow_their_formulas(rng):
     pre = nn.TransformerBlock(8, 2, norm_first=True)
     h = x + pre.attn(pre.ln1(x))
     np.testing.assert_allclose(pre(x).numpy(), (h + pre.mlp(pre.ln2(h))).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rotary,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_packed_attention_equals_step_by_step_path(rng, rotary, dropout):
+    # the fused SelfAttention op (training path) against the general path it replaces
+    mha = nn.MultiHeadAttention(8, 2, dropout=dropout,
+                                rotary=nn.RotaryEmbedding(4, 16) if rotary else None).double()
+    x = tl.tensor(rng.standard_normal((2, 5, 8)), requires_grad=True)
+    params = [x] + list(mha.parameters())
+
+    def fused(x, *ps):
+        tl.manual_seed(5)
+        return mha.proj(mha._packed_attention(mha.qkv(x)))
+
+    def general(x, *ps):
+        tl.manual_seed(5)
+        return mha.proj(mha._attention(x))
+
+    outs = []
+    for f in (fused, general):
+        for p in params:
+            p.grad = None
+        y = f(x)
+        y.backward(tl.tensor(np.ones(y.shape)))
+        outs.append([y.numpy().copy()] + [p.grad.numpy().copy() for p in params])
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    if not dropout:
+        assert tl.gradcheck(fused, params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .. import backend
 from ..tensor import Function, Tensor
 from .elementwise import _binary
+from .nn import mm
 
 
 def _swap(a):
@@ -23,7 +24,9 @@ class MatMul(Function):
         self.a, self.b = a, b
         if b.ndim == 2 and a.ndim > 2:
             # (B, T, K) @ (K, N): one GEMM on (B*T, K)
-            return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
+            return mm(a.reshape(-1, a.shape[-1]), b).reshape(a.shape[:-1] + (b.shape[-1],))
+        if a.ndim == 2 and b.ndim == 2 or a.shape[:-2] == b.shape[:-2]:
+            return mm(a, b)
         return a @ b
 
     def backward(self, g):
@@ -32,9 +35,13 @@ class MatMul(Function):
         if b.ndim == 2 and a.ndim > 2:
             g2 = g.reshape(-1, g.shape[-1])                        # (B*T, N)
             if self.needs_input_grad[0]:
-                ga = (g2 @ b.T).reshape(a.shape)                   # (B*T, N) @ (N, K)
+                ga = mm(g2, b.T).reshape(a.shape)                  # (B*T, N) @ (N, K)
             if self.needs_input_grad[1]:
-                gb = a.reshape(-1, a.shape[-1]).T @ g2             # (K, B*T) @ (B*T, N)
+                gb = mm(a.reshape(-1, a.shape[-1]).T, g2)          # (K, B*T) @ (B*T, N)
+            return ga, gb
+        if a.shape[:-2] == b.shape[:-2]:
+            ga = mm(g, _swap(b)) if self.needs_input_grad[0] else None
+            gb = mm(_swap(a), g) if self.needs_input_grad[1] else None
             return ga, gb
         if self.needs_input_grad[0]:
             ga = g @ _swap(b)                                      # (.., M, N) @ (.., N, K)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, cpu
 from ..tensor import Function, Tensor
 from .shape import _dim
 
@@ -78,6 +78,19 @@ def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
     return LogSumExp.apply(x, axis=_dim(dim, x.ndim, "logsumexp"), keepdim=keepdim)
 
 
+# ============================================================================ helpers
+def mm(a, b):
+    """a @ b: on NumPy through tensorlite's thread pool (see tensorlite/cpu.py)."""
+    if type(a) is np.ndarray and type(b) is np.ndarray:
+        return cpu.matmul(a, b)
+    return a @ b
+
+
+def _rows2d(a):
+    """(..., C) -> (N, C) view (or copy when not viewable)."""
+    return a.reshape(-1, a.shape[-1])
+
+
 # ============================================================================ linear
 class Linear(Function):
     """y = x @ W^T + b with PyTorch's weight layout W: (out, in).
@@ -89,38 +102,78 @@ class Linear(Function):
 
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_b = x, w, b is not None
-        x2 = x.reshape(-1, x.shape[-1])                       # (N, in)
-        y = x2 @ w.T                                          # (N, out)
+        y = mm(_rows2d(x), w.T)                               # (N, in) @ (in, out)
         if b is not None:
             y += b
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
     def backward(self, g):
         x, w = self.x, self.w
-        g2 = g.reshape(-1, g.shape[-1])                       # (N, out)
-        gx = (g2 @ w).reshape(x.shape) if self.needs_input_grad[0] else None   # (N, in)
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None  # (out, in)
+        g2 = _rows2d(g)                                       # (N, out)
+        gx = mm(g2, w).reshape(x.shape) if self.needs_input_grad[0] else None   # (N, in)
+        gw = mm(g2.T, _rows2d(x)) if self.needs_input_grad[1] else None         # (out, in)
         gb = g2.sum(axis=0) if self.has_b and self.needs_input_grad[2] else None
         return gx, gw, gb
 
 
 # ============================================================================ activations
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_A = 0.044715
 
 
 class GELUTanh(Function):
-    """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(c (x + a x^3))).
+
+    backward: dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3)).
+    Only x is saved; the backward recomputes t block by block, in cache.
+    """
 
     def forward(self, x):
         xp = backend.xp_of(x)
-        t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
-        self.x, self.t = x, t
-        return 0.5 * x * (1.0 + t)
+        self.x = x
+        x2 = _rows2d(x)
+        out = xp.empty_like(x2)
+
+        def kernel(lo, hi):
+            xb = x2[lo:hi]
+            t = xb * xb
+            t *= _GELU_A
+            t += 1.0
+            t *= xb
+            t *= _GELU_C
+            xp.tanh(t, out=t)
+            t += 1.0
+            t *= xb
+            xp.multiply(t, 0.5, out=out[lo:hi])
+        cpu.for_rows(kernel, x2.shape[0], x2.shape[1], xp)
+        return out.reshape(x.shape)
 
     def backward(self, g):
-        x, t = self.x, self.t
-        dinner = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-        return g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+        xp = backend.xp_of(g)
+        x2, g2 = _rows2d(self.x), _rows2d(g)
+        gx = xp.empty_like(x2)
+
+        def kernel(lo, hi):
+            xb, gb = x2[lo:hi], g2[lo:hi]
+            xsq = xb * xb
+            t = xsq * _GELU_A
+            t += 1.0
+            t *= xb
+            t *= _GELU_C
+            xp.tanh(t, out=t)                       # t
+            xsq *= 3 * _GELU_A
+            xsq += 1.0
+            xsq *= _GELU_C                          # c (1 + 3 a x^2)
+            d = t * t
+            xp.subtract(1.0, d, out=d)
+            d *= xb
+            d *= xsq                                # x (1 - t^2) c (1 + 3 a x^2)
+            d += t
+            d += 1.0
+            d *= 0.5
+            xp.multiply(d, gb, out=gx[lo:hi])
+        cpu.for_rows(kernel, x2.shape[0], x2.shape[1], xp)
+        return gx.reshape(self.x.shape)
 
 
 def erf(x):
@@ -158,34 +211,59 @@ class LayerNorm(Function):
     x: (..., C); weight, bias: (C,)
     forward:  xhat = (x - mean) * rstd,  y = xhat * w + b
     backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dy * w
+              dw = sum over rows of dy * xhat,  db = sum over rows of dy
+    Saves x (alive anyway), the row means and 1/std: xhat is recomputed per block.
     """
 
     def forward(self, x, w=None, b=None, eps=1e-5):
         xp = backend.xp_of(x)
-        mu = x.mean(axis=-1, keepdims=True)
-        xc = x - mu
-        var = (xc * xc).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt(var + eps)
-        xhat = xc
-        xhat *= rstd                              # reuse xc's buffer
-        self.xhat, self.rstd, self.w, self.has_b = xhat, rstd, w, b is not None
-        y = xhat * w if w is not None else xhat.copy()
-        if b is not None:
-            y += b
-        return y
+        x2 = _rows2d(x)
+        n, c = x2.shape
+        out = xp.empty_like(x2)
+        mu = xp.empty((n, 1), dtype=x.dtype)
+        rstd = xp.empty((n, 1), dtype=x.dtype)
+
+        def kernel(lo, hi):
+            xb = x2[lo:hi]
+            m = xb.mean(axis=1, keepdims=True)
+            xc = xb - m
+            var = (xc * xc).mean(axis=1, keepdims=True)
+            r = 1.0 / xp.sqrt(var + eps)
+            xc *= r                                 # xhat
+            if w is not None:
+                xc *= w
+            if b is not None:
+                xc += b
+            out[lo:hi], mu[lo:hi], rstd[lo:hi] = xc, m, r
+        cpu.for_rows(kernel, n, c, xp)
+        self.x2, self.mu, self.rstd, self.w, self.has_b = x2, mu, rstd, w, b is not None
+        self.shape = x.shape
+        return out.reshape(x.shape)
 
     def backward(self, g):
-        xhat, rstd, w = self.xhat, self.rstd, self.w
-        lead = tuple(range(g.ndim - 1))
-        gw = (g * xhat).sum(axis=lead) if w is not None and self.needs_input_grad[1] else None
-        gb = g.sum(axis=lead) if self.has_b and self.needs_input_grad[2] else None
-        gx = None
-        if self.needs_input_grad[0]:
-            dxhat = g * w if w is not None else g
-            gx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-            gx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-            gx *= rstd
-        return gx, gw, gb
+        xp = backend.xp_of(g)
+        x2, mu, rstd, w = self.x2, self.mu, self.rstd, self.w
+        g2 = _rows2d(g)
+        n, c = x2.shape
+        gx = xp.empty_like(x2)
+        need_x = self.needs_input_grad[0]
+
+        def kernel(lo, hi):
+            xhat = (x2[lo:hi] - mu[lo:hi]) * rstd[lo:hi]
+            gb = g2[lo:hi]
+            parts = ((gb * xhat).sum(axis=0), gb.sum(axis=0))
+            if need_x:
+                dxhat = gb * w if w is not None else gb.copy()
+                m2 = (dxhat * xhat).mean(axis=1, keepdims=True)
+                dxhat -= dxhat.mean(axis=1, keepdims=True)
+                xhat *= m2
+                dxhat -= xhat
+                xp.multiply(dxhat, rstd[lo:hi], out=gx[lo:hi])
+            return parts
+        gw_sum, gb_sum = cpu.map_rows(kernel, n, c, xp)
+        gw = gw_sum if w is not None and self.needs_input_grad[1] else None
+        gbias = gb_sum if self.has_b and self.needs_input_grad[2] else None
+        return (gx.reshape(self.shape) if need_x else None), gw, gbias
 
 
 class RMSNorm(Function):
@@ -211,31 +289,38 @@ class RMSNorm(Function):
 
 # ============================================================================ loss
 class CrossEntropy(Function):
-    """Softmax + negative log-likelihood from logits, fused: only the probabilities are kept.
+    """Softmax + negative log-likelihood from logits, fused.
 
     logits: (N, V), targets: (N,) int; rows whose target is ``ignore_index`` count for nothing.
-    loss_i = logsumexp(logits_i) - logits_i[t_i];  d loss_i / d logits_i = softmax_i - onehot(t_i)
+    loss_i = lse_i - logits_i[t_i] with lse_i = logsumexp(logits_i)
+    d loss_i / d logits_i = softmax_i - onehot(t_i) = exp(logits_i - lse_i) - onehot(t_i)
+    Saves the logits (alive anyway) and lse (N,): the probabilities are never stored, the
+    backward recomputes them block by block while writing the gradient.
+    With label smoothing e: loss_i = (1 - e) nll_i + e (lse_i - mean_j logits_ij).
     """
 
     def forward(self, logits, targets, ignore_index, reduction, label_smoothing=0.0):
         xp = backend.xp_of(logits)
         n, v = logits.shape
-        m = logits.max(axis=1, keepdims=True)
-        p = logits - m
-        xp.exp(p, out=p)
-        s = p.sum(axis=1, keepdims=True)
-        p /= s                                                 # softmax, in its own buffer
+        lse = xp.empty(n, dtype=logits.dtype)
+
+        def kernel(lo, hi):
+            lb = logits[lo:hi]
+            m = lb.max(axis=1, keepdims=True)
+            e = lb - m
+            xp.exp(e, out=e)
+            lse[lo:hi] = (m + xp.log(e.sum(axis=1, keepdims=True)))[:, 0]
+        cpu.for_rows(kernel, n, v, xp)
         valid = targets != ignore_index
         safe_t = xp.where(valid, targets, 0)
         rows = xp.arange(n)
-        lse = (m + xp.log(s))[:, 0]                            # (N,)
         nll = lse - logits[rows, safe_t]
         if label_smoothing:
             smooth = lse - logits.mean(axis=1)
             nll = (1 - label_smoothing) * nll + label_smoothing * smooth
         nll = xp.where(valid, nll, 0).astype(logits.dtype, copy=False)
         count = int(valid.sum())
-        self.p, self.t, self.valid, self.rows = p, safe_t, valid, rows
+        self.logits, self.lse, self.t, self.valid, self.rows = logits, lse, safe_t, valid, rows
         self.reduction, self.count, self.ls = reduction, count, label_smoothing
         if reduction == "none":
             return nll
@@ -246,17 +331,25 @@ class CrossEntropy(Function):
 
     def backward(self, g):
         xp = backend.xp_of(g)
-        if self.reduction == "none":
-            scale = (g * self.valid)[:, None]                  # (N, 1)
-        elif self.reduction == "sum":
-            scale = (g * self.valid)[:, None]
+        logits, lse = self.logits, self.lse
+        n, v = logits.shape
+        if self.reduction == "mean":
+            scale = g / max(self.count, 1) * self.valid            # (N,)
         else:
-            scale = (g / max(self.count, 1) * self.valid)[:, None]
-        scale = scale.astype(self.p.dtype, copy=False)
-        grad = self.p * scale
-        grad[self.rows, self.t] -= (1 - self.ls) * scale[:, 0]
-        if self.ls:
-            grad -= self.ls / self.p.shape[1] * scale
+            scale = g * self.valid
+        scale = scale.astype(logits.dtype, copy=False)
+        grad = xp.empty_like(logits)
+        ls = self.ls
+
+        def kernel(lo, hi):
+            gb = grad[lo:hi]
+            xp.subtract(logits[lo:hi], lse[lo:hi, None], out=gb)
+            xp.exp(gb, out=gb)                                     # softmax rows
+            if ls:
+                gb -= ls / v
+            gb *= scale[lo:hi, None]
+        cpu.for_rows(kernel, n, v, xp)
+        grad[self.rows, self.t] -= (1 - ls) * scale
         return grad, None
 
 
@@ -281,57 +374,154 @@ def causal_mask(xp, tq: int, tk: int):
     return xp.tril(xp.ones((tq, tk), dtype=bool), k=tk - tq)
 
 
+def attention_forward(q, k, v, mask, is_causal, scale, dropout_p, generator):
+    """The math of attention, shared by both attention ops.
+
+    q: (G, Tq, D), k: (G, Tk, D), v: (G, Tk, Dv) with G = batch x heads
+    -> out (G, Tq, Dv) and what the backward needs: P (G, Tq, Tk) and the dropout mask.
+    S = q k^T * scale (+ mask); P = softmax(S) row by row, computed in blocks of rows.
+    """
+    xp = backend.xp_of(q)
+    g_, tq, _ = q.shape
+    tk = k.shape[1]
+    s = mm(q, k.swapaxes(-1, -2))                                 # (G, Tq, Tk)
+    if mask is not None:
+        s *= scale
+        s = xp.where(mask, s, -xp.inf) if mask.dtype == bool else s + mask
+        scale_now = 1.0
+    else:
+        scale_now = scale
+    s2 = s.reshape(-1, tk)                                        # rows: (g, i) pairs
+    off = tk - tq
+    causal = is_causal and tq > 1
+
+    def kernel(lo, hi):
+        sb = s2[lo:hi]
+        if scale_now != 1.0:
+            sb *= scale_now
+        if causal:
+            i = xp.arange(lo, hi) % tq                            # query index of each row
+            sb[xp.arange(tk)[None, :] > (i + off)[:, None]] = -xp.inf
+        sb -= sb.max(axis=1, keepdims=True)
+        xp.exp(sb, out=sb)
+        sb /= sb.sum(axis=1, keepdims=True)
+    cpu.for_rows(kernel, s2.shape[0], tk, xp)
+    p = s                                                         # P, in the scores' buffer
+    dmask = None
+    if dropout_p > 0.0:
+        from ..random import rand_like_array
+        keep = 1.0 - dropout_p
+        dmask = (rand_like_array(p, generator) < keep).astype(p.dtype) * (1.0 / keep)
+        p_used = p * dmask
+    else:
+        p_used = p
+    return mm(p_used, v), p, p_used, dmask
+
+
+def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, True)):
+    """dv = P^T dout, dP = dout v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k * scale,
+    dk = dS^T q * scale. All (G, T, .) arrays."""
+    xp = backend.xp_of(g)
+    dv = mm(p_used.swapaxes(-1, -2), g) if need[2] else None      # (G, Tk, Dv)
+    dp = mm(g, v.swapaxes(-1, -2))                                # (G, Tq, Tk)
+    if dmask is not None:
+        dp *= dmask
+    tk = dp.shape[-1]
+    dp2, p2 = dp.reshape(-1, tk), p.reshape(-1, tk)
+
+    def kernel(lo, hi):
+        db, pb = dp2[lo:hi], p2[lo:hi]
+        db -= (db * pb).sum(axis=1, keepdims=True)
+        db *= pb
+        db *= scale
+    cpu.for_rows(kernel, dp2.shape[0], tk, xp)
+    dq = mm(dp, k) if need[0] else None                           # (G, Tq, D)
+    dk = mm(dp.swapaxes(-1, -2), q) if need[1] else None          # (G, Tk, D)
+    return dq, dk, dv
+
+
 class Attention(Function):
     """Scaled dot-product attention as one op, keeping only the attention weights P.
 
-    q: (B, H, Tq, D), k, v: (B, H, Tk, D)  ->  out: (B, H, Tq, D)
-    S = q k^T / sqrt(D) (+ mask), P = softmax(S), out = P v
-    backward: dv = P^T dout, dP = dout v^T, dS = P * (dP - rowsum(dP * P)),
-              dq = dS k / sqrt(D), dk = dS^T q / sqrt(D)
+    q: (..., Tq, D), k, v: (..., Tk, D)  ->  out: (..., Tq, D)
     ``mask``: None, a bool array (True = may attend) or a float array added to the scores;
     ``is_causal`` adds the causal mask. Dropout on P uses ``dropout_p`` and a seeded generator.
     """
 
     def forward(self, q, k, v, mask=None, is_causal=False, scale=None, dropout_p=0.0,
                 generator=None):
-        xp = backend.xp_of(q)
-        tq, tk = q.shape[-2], k.shape[-2]
+        lead = q.shape[:-2]
         scale = 1.0 / (q.shape[-1] ** 0.5) if scale is None else scale
-        s = q @ k.swapaxes(-1, -2)                                 # (B, H, Tq, Tk)
-        s *= scale
-        neg = xp.asarray(-xp.inf, dtype=s.dtype)
-        if is_causal and tq > 1:  # a single query is the newest position: it sees every key
-            s = xp.where(causal_mask(xp, tq, tk), s, neg)
+        q3, k3, v3 = (a.reshape((-1,) + a.shape[-2:]) for a in (q, k, v))
         if mask is not None:
-            s = xp.where(mask, s, neg) if mask.dtype == bool else s + mask
-        s -= s.max(axis=-1, keepdims=True)
-        xp.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)                         # P, in the scores' buffer
-        p = s
-        self.dmask = None
-        if dropout_p > 0.0:
-            from ..random import rand_like_array
-            keep = 1.0 - dropout_p
-            self.dmask = (rand_like_array(p, generator) < keep).astype(p.dtype) * (1.0 / keep)
-            p_used = p * self.dmask
-        else:
-            p_used = p
-        self.q, self.k, self.v, self.p, self.p_used, self.scale = q, k, v, p, p_used, scale
-        return p_used @ v
+            xp = backend.xp_of(q)
+            mask = xp.broadcast_to(mask, lead + (q.shape[-2], k.shape[-2]))
+            mask = mask.reshape((-1,) + mask.shape[-2:])
+        out, p, p_used, dmask = attention_forward(q3, k3, v3, mask, is_causal, scale,
+                                                  dropout_p, generator)
+        self.saved = (q3, k3, v3, p, p_used, dmask, scale)
+        self.shapes = (q.shape, k.shape, v.shape)
+        return out.reshape(lead + out.shape[-2:])
 
     def backward(self, g):
-        q, k, v, p, scale = self.q, self.k, self.v, self.p, self.scale
-        dv = self.p_used.swapaxes(-1, -2) @ g if self.needs_input_grad[2] else None  # (B,H,Tk,D)
-        dp = g @ v.swapaxes(-1, -2)                                # (B, H, Tq, Tk)
-        if self.dmask is not None:
-            dp *= self.dmask
-        ds = dp
-        ds -= (dp * p).sum(axis=-1, keepdims=True)
-        ds *= p
-        ds *= scale
-        dq = ds @ k if self.needs_input_grad[0] else None          # (B, H, Tq, D)
-        dk = ds.swapaxes(-1, -2) @ q if self.needs_input_grad[1] else None  # (B, H, Tk, D)
-        return dq, dk, dv
+        q3, k3, v3, p, p_used, dmask, scale = self.saved
+        g3 = g.reshape((-1,) + g.shape[-2:])
+        dq, dk, dv = attention_backward(g3, q3, k3, v3, p, p_used, dmask, scale,
+                                        self.needs_input_grad)
+        return tuple(d.reshape(s) if d is not None else None for d, s in zip((dq, dk, dv), self.shapes))
+
+
+class SelfAttention(Function):
+    """Causal multi-head self-attention straight from the packed qkv projection.
+
+    qkv: (B, T, 3C) as produced by one Linear(C, 3C)  ->  out: (B, T, C), heads merged.
+    The same math as ``Attention`` (its reference: split qkv, reshape to heads, Attention,
+    merge heads), without the intermediate copies: q, k, v are gathered into one
+    (3, B*H, T, D) buffer once, and the backward writes dq, dk, dv straight back into one
+    (B, T, 3C) gradient. ``cos``/``sin`` (T, D/2) apply rotary positions to q and k.
+    """
+
+    def forward(self, qkv, n_head, is_causal=True, dropout_p=0.0, generator=None,
+                cos=None, sin=None):
+        xp = backend.xp_of(qkv)
+        b, t, c3 = qkv.shape
+        c = c3 // 3
+        d = c // n_head
+        # (B, T, 3, H, D) -> (3, B, H, T, D), one copy; q, k, v are views of it
+        heads = xp.ascontiguousarray(qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4))
+        heads = heads.reshape(3, b * n_head, t, d)
+        if cos is not None:
+            heads[:2] = rotate(heads[:2], cos, sin)
+        q, k, v = heads[0], heads[1], heads[2]
+        scale = 1.0 / d ** 0.5
+        out, p, p_used, dmask = attention_forward(q, k, v, None, is_causal, scale, dropout_p,
+                                                  generator)
+        self.saved = (q, k, v, p, p_used, dmask, scale, cos, sin)
+        self.dims = (b, t, n_head, d)
+        # (B*H, T, D) -> (B, T, H, D) -> (B, T, C)
+        return out.reshape(b, n_head, t, d).transpose(0, 2, 1, 3).reshape(b, t, c)
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        q, k, v, p, p_used, dmask, scale, cos, sin = self.saved
+        b, t, h, d = self.dims
+        g3 = xp.ascontiguousarray(g.reshape(b, t, h, d).transpose(0, 2, 1, 3)).reshape(b * h, t, d)
+        dq, dk, dv = attention_backward(g3, q, k, v, p, p_used, dmask, scale)
+        dqkv = xp.empty((b, t, 3, h, d), dtype=g.dtype)
+        grads = [dq, dk, dv]
+        if cos is not None:  # the rotation's backward is the rotation by the opposite angle
+            grads[0], grads[1] = rotate(dq, cos, -sin), rotate(dk, cos, -sin)
+        for i, gi in enumerate(grads):
+            dqkv[:, :, i] = gi.reshape(b, h, t, d).transpose(0, 2, 1, 3)
+        return dqkv.reshape(b, t, 3 * h * d)
+
+
+def rotate(x, cos, sin):
+    """RoPE on the last dim of x (..., T, D): [x1 cos - x2 sin, x2 cos + x1 sin]."""
+    xp = backend.xp_of(x)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 # ============================================================================ rotary positions
@@ -344,18 +534,11 @@ class Rotary(Function):
     """
 
     def forward(self, x, cos, sin):
-        xp = backend.xp_of(x)
-        h = x.shape[-1] // 2
-        x1, x2 = x[..., :h], x[..., h:]
         self.cos, self.sin = cos, sin
-        return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return rotate(x, cos, sin)
 
     def backward(self, g):
-        xp = backend.xp_of(g)
-        h = g.shape[-1] // 2
-        g1, g2 = g[..., :h], g[..., h:]
-        cos, sin = self.cos, self.sin
-        return xp.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1), None, None
+        return rotate(g, self.cos, -self.sin)
 
 
 # ============================================================================ KV cache append

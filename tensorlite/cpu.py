@@ -1,0 +1,201 @@
+"""CPU execution: tensorlite's own thread pool, with single-threaded BLAS inside it.
+
+Why not let OpenBLAS thread each matrix product itself? Two measurements on this project's
+2-core machine (see bench/README.md):
+
+- a batch of small products (attention's per-head q @ k^T) calls BLAS once per matrix, and
+  each call forks and joins OpenBLAS's threads: when another process holds a core, those
+  joins wait for time slices and the batch runs at 0.1-0.5 GFLOP/s instead of 100+;
+- NumPy's elementwise ufuncs use one core only, and a fused op that makes eight passes over
+  a 4 MB array goes to DRAM eight times.
+
+So on NumPy data, tensorlite splits work itself: a product's rows (or its batch) are cut
+into one slice per thread, each thread calling single-threaded BLAS on its slice (NumPy
+releases the GIL inside BLAS and ufuncs); row-wise fused kernels (GELU, LayerNorm, softmax,
+cross-entropy) run over blocks of rows small enough that a block's temporaries stay in the
+L2 cache. ``set_num_threads(n)`` sets the number of threads (default: the usable cores).
+On CuPy data none of this applies: the kernel runs once on the whole array.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
+    ThreadpoolController = None
+
+BLOCK_ELEMS = 32 * 1024          # rows per block so that a block is ~128 KB of float32
+MIN_PARALLEL_ELEMS = 64 * 1024   # below this, threads cost more than they save
+MIN_PARALLEL_FLOPS = 4e6
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_num_threads: int | None = None
+_blas = None
+_blas_checked = False
+_local = threading.local()
+
+
+def _default_threads() -> int:
+    env = os.environ.get("TENSORLITE_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def get_num_threads() -> int:
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _default_threads()
+    return _num_threads
+
+
+def set_num_threads(n: int) -> None:
+    """Threads tensorlite uses for CPU work (as ``torch.set_num_threads``)."""
+    global _num_threads, _pool
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: need an int >= 1, got {n!r}")
+    with _lock:
+        _num_threads = n
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+            _pool = None
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, get_num_threads() - 1),
+                                       thread_name_prefix="tensorlite")
+        return _pool
+
+
+def _blas_controller():
+    global _blas, _blas_checked
+    if not _blas_checked:
+        _blas_checked = True
+        if ThreadpoolController is not None:
+            try:
+                ctl = ThreadpoolController().select(user_api="blas")
+                _blas = ctl if ctl.lib_controllers else None
+            except Exception:  # pragma: no cover - exotic BLAS builds
+                _blas = None
+    return _blas
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """BLAS on one thread inside the block (nested uses are free)."""
+    depth = getattr(_local, "depth", 0)
+    ctl = _blas_controller() if depth == 0 else None
+    if ctl is None:
+        _local.depth = depth + 1
+        try:
+            yield
+        finally:
+            _local.depth = depth
+        return
+    with ctl.limit(limits=1):
+        _local.depth = 1
+        try:
+            yield
+        finally:
+            _local.depth = 0
+
+
+def _run_parts(fn, parts) -> None:
+    """fn(lo, hi) for each (lo, hi): the last part on this thread, the rest on the pool."""
+    if len(parts) == 1:
+        fn(*parts[0])
+        return
+    futures = [_get_pool().submit(fn, lo, hi) for lo, hi in parts[:-1]]
+    fn(*parts[-1])
+    for f in futures:
+        f.result()
+
+
+def _split(n: int, k: int):
+    k = max(1, min(k, n))
+    bounds = [n * i // k for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for 2-D or batched (same leading dims) NumPy arrays, split over threads:
+    rows of ``a`` for a 2-D product, the batch for a batched one."""
+    n = get_num_threads()
+    if a.ndim == 2:
+        m = a.shape[0]
+        out = np.empty((m, b.shape[-1]), dtype=np.result_type(a, b))
+        flops = 2.0 * a.size * b.shape[-1]
+        with single_threaded_blas():
+            if n == 1 or flops < MIN_PARALLEL_FLOPS or m < 2 * n:
+                np.matmul(a, b, out=out)
+            else:
+                _run_parts(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _split(m, n))
+        return out
+    lead = a.shape[:-2]
+    if b.shape[:-2] != lead:
+        return np.matmul(a, b)  # broadcasting batches: NumPy's own loop
+    a3 = a.reshape((-1,) + a.shape[-2:])
+    b3 = b.reshape((-1,) + b.shape[-2:])
+    out = np.empty((a3.shape[0], a.shape[-2], b.shape[-1]), dtype=np.result_type(a, b))
+    with single_threaded_blas():
+        if n == 1 or a3.shape[0] < 2:
+            np.matmul(a3, b3, out=out)
+        else:
+            _run_parts(lambda lo, hi: np.matmul(a3[lo:hi], b3[lo:hi], out=out[lo:hi]),
+                       _split(a3.shape[0], n))
+    return out.reshape(lead + out.shape[-2:])
+
+
+def for_rows(kernel, n_rows: int, row_elems: int, xp=np) -> None:
+    """Call ``kernel(lo, hi)`` over blocks of rows covering ``0 .. n_rows``, in parallel.
+
+    The kernel reads and writes only rows lo:hi of its arrays (views), so blocks are
+    independent. Blocks hold ~BLOCK_ELEMS elements, so a block's temporaries stay in cache.
+    On CuPy (``xp`` not numpy) the kernel runs once over all rows.
+    """
+    if xp is not np:
+        kernel(0, n_rows)
+        return
+    rows_per_block = max(1, BLOCK_ELEMS // max(row_elems, 1))
+    total = n_rows * row_elems
+    n = get_num_threads()
+    if total < MIN_PARALLEL_ELEMS or n == 1 or n_rows < 2:
+        for lo in range(0, n_rows, rows_per_block):
+            kernel(lo, min(lo + rows_per_block, n_rows))
+        return
+
+    def run(lo, hi):
+        for a in range(lo, hi, rows_per_block):
+            kernel(a, min(a + rows_per_block, hi))
+    _run_parts(run, _split(n_rows, n))
+
+
+def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
+    """Like ``for_rows`` for kernels that also return partial sums (e.g. a LayerNorm weight
+    gradient summed over rows): ``kernel(lo, hi)`` returns a tuple of arrays; the tuples of
+    all blocks are added up in block order (so the result does not depend on which thread
+    finished first: training stays bit-for-bit reproducible) and returned as a list."""
+    parts = {}
+
+    def k(lo, hi):
+        parts[lo] = kernel(lo, hi)   # distinct keys: no lock needed for dict item writes
+    for_rows(k, n_rows, row_elems, xp)
+    blocks = [parts[lo] for lo in sorted(parts)]
+    totals = [p.copy() for p in blocks[0]]
+    for blk in blocks[1:]:
+        for t, p in zip(totals, blk):
+            t += p
+    return totals
