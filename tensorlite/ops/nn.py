@@ -379,64 +379,71 @@ def attention_forward(q, k, v, mask, is_causal, scale, dropout_p, generator):
 
     q: (G, Tq, D), k: (G, Tk, D), v: (G, Tk, Dv) with G = batch x heads
     -> out (G, Tq, Dv) and what the backward needs: P (G, Tq, Tk) and the dropout mask.
-    S = q k^T * scale (+ mask); P = softmax(S) row by row, computed in blocks of rows.
+    S = q k^T * scale (+ mask); P = softmax(S) row by row; out = P v.
+    On NumPy it runs over blocks of heads, each block start to finish (scores, softmax,
+    mixing) while its scores are in cache, the blocks spread over the thread pool.
     """
     xp = backend.xp_of(q)
     g_, tq, _ = q.shape
-    tk = k.shape[1]
-    s = mm(q, k.swapaxes(-1, -2))                                 # (G, Tq, Tk)
-    if mask is not None:
-        s *= scale
-        s = xp.where(mask, s, -xp.inf) if mask.dtype == bool else s + mask
-        scale_now = 1.0
-    else:
-        scale_now = scale
-    s2 = s.reshape(-1, tk)                                        # rows: (g, i) pairs
+    tk, dv_ = k.shape[1], v.shape[2]
     off = tk - tq
     causal = is_causal and tq > 1
-
-    def kernel(lo, hi):
-        sb = s2[lo:hi]
-        if scale_now != 1.0:
-            sb *= scale_now
-        if causal:
-            i = xp.arange(lo, hi) % tq                            # query index of each row
-            sb[xp.arange(tk)[None, :] > (i + off)[:, None]] = -xp.inf
-        sb -= sb.max(axis=1, keepdims=True)
-        xp.exp(sb, out=sb)
-        sb /= sb.sum(axis=1, keepdims=True)
-    cpu.for_rows(kernel, s2.shape[0], tk, xp)
-    p = s                                                         # P, in the scores' buffer
+    p = xp.empty((g_, tq, tk), dtype=q.dtype)
+    out = xp.empty((g_, tq, dv_), dtype=q.dtype)
     dmask = None
     if dropout_p > 0.0:
         from ..random import rand_like_array
         keep = 1.0 - dropout_p
         dmask = (rand_like_array(p, generator) < keep).astype(p.dtype) * (1.0 / keep)
-        p_used = p * dmask
-    else:
-        p_used = p
-    return mm(p_used, v), p, p_used, dmask
+    p_used = xp.empty_like(p) if dmask is not None else p
+    if causal:  # 0 where query i may see key j, -inf in its future: added to the scores
+        future = xp.where(xp.arange(tk)[None, :] > (xp.arange(tq) + off)[:, None],
+                          xp.asarray(-xp.inf, dtype=q.dtype), xp.asarray(0, dtype=q.dtype))
+
+    def kernel(lo, hi):
+        sb = p[lo:hi]
+        xp.matmul(q[lo:hi], k[lo:hi].swapaxes(-1, -2), out=sb)              # scores
+        sb *= scale
+        if mask is not None:
+            if mask.dtype == bool:
+                sb[~mask[lo:hi]] = -xp.inf
+            else:
+                sb += mask[lo:hi]
+        if causal:
+            sb += future
+        sb -= sb.max(axis=-1, keepdims=True)
+        xp.exp(sb, out=sb)
+        sb /= sb.sum(axis=-1, keepdims=True)                                 # P
+        if dmask is not None:
+            xp.multiply(sb, dmask[lo:hi], out=p_used[lo:hi])
+        xp.matmul(p_used[lo:hi], v[lo:hi], out=out[lo:hi])                   # mixing
+    cpu.for_rows(kernel, g_, tq * tk, xp)
+    return out, p, p_used, dmask
 
 
 def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, True)):
     """dv = P^T dout, dP = dout v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k * scale,
-    dk = dS^T q * scale. All (G, T, .) arrays."""
+    dk = dS^T q * scale. All (G, T, .) arrays; on NumPy by blocks of heads, as the forward."""
     xp = backend.xp_of(g)
-    dv = mm(p_used.swapaxes(-1, -2), g) if need[2] else None      # (G, Tk, Dv)
-    dp = mm(g, v.swapaxes(-1, -2))                                # (G, Tq, Tk)
-    if dmask is not None:
-        dp *= dmask
-    tk = dp.shape[-1]
-    dp2, p2 = dp.reshape(-1, tk), p.reshape(-1, tk)
+    dq = xp.empty_like(q) if need[0] else None
+    dk = xp.empty_like(k) if need[1] else None
+    dv = xp.empty_like(v) if need[2] else None
 
     def kernel(lo, hi):
-        db, pb = dp2[lo:hi], p2[lo:hi]
-        db -= (db * pb).sum(axis=1, keepdims=True)
-        db *= pb
-        db *= scale
-    cpu.for_rows(kernel, dp2.shape[0], tk, xp)
-    dq = mm(dp, k) if need[0] else None                           # (G, Tq, D)
-    dk = mm(dp.swapaxes(-1, -2), q) if need[1] else None          # (G, Tk, D)
+        if dv is not None:
+            xp.matmul(p_used[lo:hi].swapaxes(-1, -2), g[lo:hi], out=dv[lo:hi])
+        ds = xp.matmul(g[lo:hi], v[lo:hi].swapaxes(-1, -2))                # dP (b, Tq, Tk)
+        if dmask is not None:
+            ds *= dmask[lo:hi]
+        pb = p[lo:hi]
+        ds -= (ds * pb).sum(axis=-1, keepdims=True)
+        ds *= pb
+        ds *= scale                                                          # dS
+        if dq is not None:
+            xp.matmul(ds, k[lo:hi], out=dq[lo:hi])
+        if dk is not None:
+            xp.matmul(ds.swapaxes(-1, -2), q[lo:hi], out=dk[lo:hi])
+    cpu.for_rows(kernel, g.shape[0], p.shape[1] * p.shape[2], xp)
     return dq, dk, dv
 
 
