@@ -164,7 +164,6 @@ class GPT(nn.Module):
     def new_kv_caches(self):
         return [nn.KVCache(self.config.block_size) for _ in self.blocks]
 
-    @tl.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, seed=None,
                         use_cache: bool = True):
@@ -189,12 +188,13 @@ class GPT(nn.Module):
             bs = self.config.block_size
             caches, pending = None, None
             for _ in range(max_new_tokens):
-                if use_cache and caches is not None and caches[0].length < bs:
-                    logits, _ = self.forward(pending[:, None], kv_caches=caches)
-                else:
-                    window = ids[:, -bs:]
-                    caches = self.new_kv_caches() if use_cache and ids.shape[1] < bs else None
-                    logits, _ = self.forward(window, kv_caches=caches)
+                with tl.no_grad():  # not around the yield: the caller's grad mode is its own
+                    if use_cache and caches is not None and caches[0].length < bs:
+                        logits, _ = self.forward(pending[:, None], kv_caches=caches)
+                    else:
+                        window = ids[:, -bs:]
+                        caches = self.new_kv_caches() if use_cache and ids.shape[1] < bs else None
+                        logits, _ = self.forward(window, kv_caches=caches)
                 last = tl.backend.to_numpy(logits.data[:, -1, :])   # (B, V)
                 nxt = sample_next(last, temperature, top_k, top_p, rng)
                 ids = np.concatenate([ids, nxt[:, None]], axis=1)

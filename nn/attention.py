@@ -29,6 +29,23 @@ class KVCache:
     def reset(self):
         self.length, self._k, self._v, self._parts = 0, None, None, []
 
+    def reserve(self, b: int, h: int, t: int, d: int, like):
+        """For the packed decoding path: the buffers as (B*H, max_len, D) views and the
+        position where T new entries go; advances the length."""
+        lo = self.length
+        if lo + t > self.max_len:
+            raise ValueError(f"KVCache: {lo} cached + {t} new positions exceed max_len "
+                             f"{self.max_len}; reset the cache or crop the context")
+        if self._k is None:
+            xp = backend.xp_of(like)
+            self._k = xp.zeros((b, h, self.max_len, d), dtype=like.dtype)
+            self._v = xp.zeros((b, h, self.max_len, d), dtype=like.dtype)
+        elif self._k.shape != (b, h, self.max_len, d):
+            raise ValueError(f"KVCache: new keys (batch {b}, {h} heads, size {d}) do not match "
+                             f"the cache {self._k.shape}; call reset() when the batch changes")
+        self.length = lo + t
+        return (self._k.reshape(b * h, self.max_len, d), self._v.reshape(b * h, self.max_len, d), lo)
+
     def update(self, k: Tensor, v: Tensor):
         """k, v: (B, H, T, D) for the new positions -> all cached (B, H, length, D)."""
         b, h, t, d = k.shape
@@ -84,20 +101,26 @@ class MultiHeadAttention(Module):
         b, t, c = x.shape
         if c != self.d_model:
             raise ValueError(f"MultiHeadAttention: input has {c} features, expected {self.d_model}")
-        if kv_cache is None and attn_mask is None:
-            # the fast path for training: one fused op from the packed projection
-            y = self._packed_attention(self.qkv(x))
+        if attn_mask is None and (kv_cache is None or not tl.is_grad_enabled()):
+            # the fast path for training and for decoding: one fused op from the packed
+            # projection (the cache path is inference-only; with gradients it goes below)
+            y = self._packed_attention(self.qkv(x), kv_cache)
             return self.resid_dropout(self.proj(y))
         return self.resid_dropout(self.proj(self._attention(x, kv_cache, attn_mask)))
 
-    def _packed_attention(self, qkv: Tensor) -> Tensor:
+    def _packed_attention(self, qkv: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """(B, T, 3C) -> (B, T, C) with ops.SelfAttention (reference: ``_attention``)."""
+        b, t, _ = qkv.shape
+        offset = kv_cache.length if kv_cache is not None else 0
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary.tables(qkv.shape[1], 0, qkv.dtype)
+            cos, sin = self.rotary.tables(t, offset, qkv.dtype)
+        cache = None
+        if kv_cache is not None:
+            cache = kv_cache.reserve(b, self.n_head, t, self.head_dim, qkv.data)
         return ops.SelfAttention.apply(
             qkv, n_head=self.n_head, is_causal=self.causal,
-            dropout_p=self.dropout_p if self.training else 0.0, cos=cos, sin=sin)
+            dropout_p=self.dropout_p if self.training else 0.0, cos=cos, sin=sin, cache=cache)
 
     def _attention(self, x: Tensor, kv_cache=None, attn_mask=None) -> Tensor:
         """The general path, step by step: split q, k, v, rotate, cache, attend, merge."""

@@ -104,37 +104,37 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _blas_controller():
+def _blas_libs() -> list:
+    """threadpoolctl's handles on the BLAS libraries loaded in this process (cached)."""
     global _blas, _blas_checked
     if not _blas_checked:
         _blas_checked = True
+        _blas = []
         if ThreadpoolController is not None:
             try:
-                ctl = ThreadpoolController().select(user_api="blas")
-                _blas = ctl if ctl.lib_controllers else None
+                _blas = list(ThreadpoolController().select(user_api="blas").lib_controllers)
             except Exception:  # pragma: no cover - exotic BLAS builds
-                _blas = None
+                _blas = []
     return _blas
 
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """BLAS on one thread inside the block (nested uses are free)."""
+    """BLAS on one thread inside the block, restored after (nested uses are free)."""
     depth = getattr(_local, "depth", 0)
-    ctl = _blas_controller() if depth == 0 else None
-    if ctl is None:
-        _local.depth = depth + 1
-        try:
-            yield
-        finally:
-            _local.depth = depth
-        return
-    with ctl.limit(limits=1):
-        _local.depth = 1
-        try:
-            yield
-        finally:
-            _local.depth = 0
+    libs = _blas_libs() if depth == 0 else []
+    before = [lib.get_num_threads() for lib in libs]
+    for lib, n in zip(libs, before):
+        if n != 1:
+            lib.set_num_threads(1)
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
+        for lib, n in zip(libs, before):
+            if n != 1:
+                lib.set_num_threads(n)
 
 
 def _run_parts(fn, parts) -> None:
@@ -162,11 +162,10 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         m = a.shape[0]
         out = np.empty((m, b.shape[-1]), dtype=np.result_type(a, b))
         flops = 2.0 * a.size * b.shape[-1]
+        if n == 1 or flops < MIN_PARALLEL_FLOPS or m < 2 * n:
+            return np.matmul(a, b, out=out)  # small: OpenBLAS stays on one thread by itself
         with single_threaded_blas():
-            if n == 1 or flops < MIN_PARALLEL_FLOPS or m < 2 * n:
-                np.matmul(a, b, out=out)
-            else:
-                _run_parts(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _split(m, n))
+            _run_parts(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _split(m, n))
         return out
     lead = a.shape[:-2]
     if b.shape[:-2] != lead:
@@ -174,10 +173,11 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a3 = a.reshape((-1,) + a.shape[-2:])
     b3 = b.reshape((-1,) + b.shape[-2:])
     out = np.empty((a3.shape[0], a.shape[-2], b.shape[-1]), dtype=np.result_type(a, b))
-    with single_threaded_blas():
-        if n == 1 or a3.shape[0] < 2:
-            np.matmul(a3, b3, out=out)
-        else:
+    flops = 2.0 * a.size * b.shape[-1]
+    if n == 1 or a3.shape[0] < 2 or flops < MIN_PARALLEL_FLOPS:
+        np.matmul(a3, b3, out=out)
+    else:
+        with single_threaded_blas():
             _run_parts(lambda lo, hi: np.matmul(a3[lo:hi], b3[lo:hi], out=out[lo:hi]),
                        _split(a3.shape[0], n))
     return out.reshape(lead + out.shape[-2:])
@@ -200,10 +200,10 @@ def for_rows(kernel, n_rows: int, row_elems: int, xp=np) -> None:
     def run(lo, hi):
         for a in range(lo, hi, rows_per_block):
             kernel(a, min(a + rows_per_block, hi))
-    with single_threaded_blas():  # kernels may call BLAS (attention): one thread each
-        if total < MIN_PARALLEL_ELEMS or n == 1 or n_rows < 2:
-            run(0, n_rows)
-        else:
+    if total < MIN_PARALLEL_ELEMS or n == 1 or n_rows < 2:
+        run(0, n_rows)
+    else:
+        with single_threaded_blas():  # kernels may call BLAS (attention): one thread each
             _run_parts(run, _split(n_rows, n))
 
 

@@ -489,7 +489,7 @@ class SelfAttention(Function):
     """
 
     def forward(self, qkv, n_head, is_causal=True, dropout_p=0.0, generator=None,
-                cos=None, sin=None):
+                cos=None, sin=None, cache=None):
         xp = backend.xp_of(qkv)
         b, t, c3 = qkv.shape
         c = c3 // 3
@@ -500,6 +500,12 @@ class SelfAttention(Function):
         if cos is not None:
             heads[:2] = rotate(heads[:2], cos, sin)
         q, k, v = heads[0], heads[1], heads[2]
+        if cache is not None:
+            # decoding (no gradient): ``cache`` = (k_buf, v_buf, lo), buffers (B*H, max, D);
+            # write the new keys/values at lo.., attend over everything cached so far
+            k_buf, v_buf, lo = cache
+            k_buf[:, lo:lo + t], v_buf[:, lo:lo + t] = k, v
+            k, v = k_buf[:, :lo + t], v_buf[:, :lo + t]
         scale = 1.0 / d ** 0.5
         out, p, p_used, dmask = attention_forward(q, k, v, None, is_causal, scale, dropout_p,
                                                   generator)
