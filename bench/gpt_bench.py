@@ -262,6 +262,18 @@ def run_job(job: dict, env: dict) -> dict:
     return json.loads(payload[-1][5:])
 
 
+def code_version() -> str:
+    """The commit measured, and whether the engine's files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tensorlite", "nn", "gpt"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" + uncommitted changes in tensorlite/nn/gpt" if dirty else "")
+
+
 def worker_env(unset_openblas: bool, threads: int | None = None) -> dict:
     env = dict(os.environ)
     if threads:
@@ -427,6 +439,8 @@ def main(argv=None) -> int:
     libs = ["tensorlite"]
     if not args.no_torch and "version" in info["torch"]:
         libs += ["torch-manual", "torch-sdpa"]
+    info["code"] = code_version()
+    print(f"# tensorlite at {info['code']}")
     for ln in header(info, other, args.unset_openblas_env):
         print(ln, flush=True)
     if args.no_torch:
@@ -469,6 +483,10 @@ def main(argv=None) -> int:
     peak = max([info["gemm_gflops"]["peak"]] +
                [r["gemm_gflops"] for rs in runs.values() for r in rs if "gemm_gflops" in r])
 
+    for (kind, c, lib), r in res.items():
+        if kind == "gen" and not r["cache_matches_nocache"]:
+            print(f"# WARNING: {lib} {c}: greedy tokens with the KV cache {r['kv_head']} differ "
+                  f"from those without it {r['nocache_head']}")
     for c in configs:
         tr = [res[k] for k in res if k[0] == "train" and k[1] == c]
         if len({r["params"] for r in tr}) > 1:
