@@ -419,6 +419,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:         # `tensorlite-gpt bench -- --config tiny` passes the "--" on
+        argv = argv[1:]
     try:
         args = parse_args(argv)
     except SystemExit as e:        # --help, or a usage error (argparse printed it)
@@ -501,7 +504,8 @@ def main(argv=None) -> int:
         print(table(c, res, libs, peak))
     wall = time.perf_counter() - t_start
     print(f"\nmedians of {args.steps} timed steps after {args.warmup} warmup, {args.repeats} "
-          f"run(s) each; ratios are tensorlite / torch; * = other processes used > "
+          f"run(s) each; {'ratios are tensorlite / torch; ' if len(libs) > 1 else ''}"
+          f"* = other processes used > "
           f"{CONTENDED} cores during that run; MFU vs {peak:.0f} GFLOP/s, the best NumPy "
           f"float32 GEMM rate seen in this run; total {wall:.0f} s")
     if args.json:

@@ -30,6 +30,7 @@ def test_train_and_gen_micro():
 
 def test_main_usage_exit_codes(capsys):
     assert gb.main(["--help"]) == 0
+    assert gb.main(["--", "--help"]) == 0      # as `tensorlite-gpt bench -- --help` passes it
     assert gb.main(["--config", "nope"]) == 2
     assert gb.main(["--steps", "0"]) == 2
     assert gb.blas_info()["threads"]
