@@ -297,7 +297,8 @@ class Clone(Function):
 
 # ----------------------------------------------------------------------------- no gradient
 def compare(a, b, name: str) -> Tensor:
-    """==, !=, <, <=, >, >= : boolean tensors, never part of the graph."""
+    """==, !=, <, <=, >, >=, &, | (``name`` is the ufunc): boolean tensors, never part of
+    the graph."""
     a, b = _binary(name, a, b)
     da = a.data if isinstance(a, Tensor) else a
     db = b.data if isinstance(b, Tensor) else b
@@ -305,12 +306,7 @@ def compare(a, b, name: str) -> Tensor:
     return Tensor._make(getattr(xp, name)(da, db), False, None)
 
 
-def logical(a, b, name: str) -> Tensor:
-    a, b = _binary(name, a, b)
-    da = a.data if isinstance(a, Tensor) else a
-    db = b.data if isinstance(b, Tensor) else b
-    xp = backend.xp_of(da if isinstance(a, Tensor) else db)
-    return Tensor._make(getattr(xp, name)(da, db), False, None)
+logical = compare
 
 
 def logical_not(a: Tensor) -> Tensor:
