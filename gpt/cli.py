@@ -222,11 +222,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    try:
-        from bench.gpt_bench import main as bench_main
-    except ImportError:
-        raise UsageError("the benchmark lives in the source tree's bench/ folder: run it from a "
-                         "checkout (python -m bench.gpt_bench)") from None
+    """Run bench/gpt_bench.py from the source checkout this package was installed from."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "gpt_bench.py").is_file():
+        raise UsageError(f"the benchmark lives in the source tree's bench/ folder, not found "
+                         f"next to {root / 'gpt'}: install from a checkout (pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.gpt_bench import main as bench_main
     return bench_main(args.bench_args)
 
 
@@ -273,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="batches (default: the whole validation split)")
             ps.set_defaults(func=cmd_eval)
 
-    pb = sub.add_parser("bench", help="training and generation speed vs PyTorch (bench/)")
-    pb.add_argument("bench_args", nargs=argparse.REMAINDER)
-    pb.set_defaults(func=cmd_bench)
+    pb = sub.add_parser("bench", help="training and generation speed vs PyTorch (bench/); "
+                                      "its options: tensorlite-gpt bench --help",
+                        add_help=False)
+    pb.set_defaults(func=cmd_bench, bench_args=[])
     return p
 
 
@@ -286,7 +290,12 @@ def main(argv=None) -> int:
     from .model import ConfigError
     from .train import TrainingError
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark's parser
+        args = parser.parse_args(["bench"])
+        args.bench_args = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
