@@ -31,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
     ThreadpoolController = None
 
-BLOCK_ELEMS = 32 * 1024          # rows per block so that a block is ~128 KB of float32
+BLOCK_ELEMS = 128 * 1024         # elements per block: ~512 KB of float32, within L2
 MIN_PARALLEL_ELEMS = 64 * 1024   # below this, threads cost more than they save
 MIN_PARALLEL_FLOPS = 4e6
 
