@@ -185,7 +185,7 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out.reshape(lead + out.shape[-2:])
 
 
-def for_rows(kernel, n_rows: int, row_elems: int, xp=np) -> None:
+def for_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = None) -> None:
     """Call ``kernel(lo, hi)`` over blocks of rows covering ``0 .. n_rows``, in parallel.
 
     The kernel reads and writes only rows lo:hi of its arrays (views), so blocks are
@@ -195,7 +195,7 @@ def for_rows(kernel, n_rows: int, row_elems: int, xp=np) -> None:
     if xp is not np:
         kernel(0, n_rows)
         return
-    rows_per_block = max(1, BLOCK_ELEMS // max(row_elems, 1))
+    rows_per_block = max(1, (block or BLOCK_ELEMS) // max(row_elems, 1))
     total = n_rows * row_elems
     n = get_num_threads()
 
