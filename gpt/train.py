@@ -54,7 +54,7 @@ class TrainConfig:
     tie_weights: bool = True
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int = 2000
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int | None = None    # default: min(50, max_steps // 10)
@@ -62,7 +62,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_interval: int = 250
+    eval_interval: int = 500
     eval_steps: int = 20
     log_interval: int = 10
     ckpt_interval: int | None = None   # default: every eval
