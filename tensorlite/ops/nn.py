@@ -223,12 +223,17 @@ class LayerNorm(Function):
         mu = xp.empty((n, 1), dtype=x.dtype)
         rstd = xp.empty((n, 1), dtype=x.dtype)
 
-        def kernel(lo, hi):
+        inv_c = 1.0 / c
+
+        def kernel(lo, hi):   # sums times 1/C: ndarray.mean costs a Python wrapper per call
             xb = x2[lo:hi]
-            m = xb.mean(axis=1, keepdims=True)
+            m = xb.sum(axis=1, keepdims=True)
+            m *= inv_c
             xc = xb - m
-            var = (xc * xc).mean(axis=1, keepdims=True)
-            r = 1.0 / xp.sqrt(var + eps)
+            var = (xc * xc).sum(axis=1, keepdims=True)
+            var *= inv_c
+            var += eps
+            r = 1.0 / xp.sqrt(var)
             xc *= r                                 # xhat
             if w is not None:
                 xc *= w
@@ -247,6 +252,7 @@ class LayerNorm(Function):
         n, c = x2.shape
         gx = xp.empty_like(x2)
         need_x = self.needs_input_grad[0]
+        inv_c = 1.0 / c
 
         def kernel(lo, hi):
             xhat = (x2[lo:hi] - mu[lo:hi]) * rstd[lo:hi]
@@ -254,8 +260,11 @@ class LayerNorm(Function):
             parts = ((gb * xhat).sum(axis=0), gb.sum(axis=0))
             if need_x:
                 dxhat = gb * w if w is not None else gb.copy()
-                m2 = (dxhat * xhat).mean(axis=1, keepdims=True)
-                dxhat -= dxhat.mean(axis=1, keepdims=True)
+                m2 = (dxhat * xhat).sum(axis=1, keepdims=True)
+                m2 *= inv_c
+                m1 = dxhat.sum(axis=1, keepdims=True)
+                m1 *= inv_c
+                dxhat -= m1
                 xhat *= m2
                 dxhat -= xhat
                 xp.multiply(dxhat, rstd[lo:hi], out=gx[lo:hi])
