@@ -139,6 +139,24 @@ def single_threaded_blas():
                 lib.set_num_threads(n)
 
 
+def use_single_threaded_blas() -> bool:
+    """Set the process's BLAS to one thread, for good (unless TENSORLITE_KEEP_BLAS_THREADS=1).
+
+    Restoring OpenBLAS's threads after each of our calls is not enough: after every
+    multi-threaded call (a dot product in gradient clipping, a small product) its idle worker
+    keeps spinning on a core for a while, and our pool's threads then share one core
+    (measured: tensorlite's 2-thread products at 121-131 GFLOP/s instead of 250 right after
+    a NumPy product on OpenBLAS threads). tensorlite parallelises over its own pool instead,
+    as PyTorch sizes its own intra-op pool.
+    """
+    if os.environ.get("TENSORLITE_KEEP_BLAS_THREADS"):
+        return False
+    libs = _blas_libs()
+    for lib in libs:
+        lib.set_num_threads(1)
+    return bool(libs)
+
+
 def _run_parts(fn, parts) -> None:
     """fn(lo, hi) for each (lo, hi): the last part on this thread, the rest on the pool."""
     if len(parts) == 1:
@@ -225,3 +243,6 @@ def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
         for t, p in zip(totals, blk):
             t += p
     return totals
+
+
+BLAS_SINGLE_THREADED = use_single_threaded_blas()
