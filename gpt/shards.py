@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nn.checkpoint import fsync_path
+
 from gpt.errors import DataError, DataFileNotFoundError
 
 MAGIC = b"TLTOKENS"
@@ -51,16 +53,8 @@ _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Make a rename in ``folder`` durable (the same helper the checkpoints use)."""
+    fsync_path(str(folder))
 
 
 def _open_temp(path: Path) -> tuple[int, str]:

@@ -72,6 +72,9 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+fsync_path = _fsync_path  # public: gpt.shards makes its renames durable the same way
+
+
 def _tmp_name(final: str) -> str:
     d, base = os.path.split(os.path.abspath(final))
     return os.path.join(d, f"{_TMP_PREFIX}{base}-{secrets.token_hex(4)}")
