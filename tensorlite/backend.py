@@ -98,6 +98,17 @@ def to_numpy(a) -> np.ndarray:
 def scatter_add(xp, target, index, values):
     """target[index] += values, accumulating repeated indices (in place)."""
     if xp is np:
+        if isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu" \
+                and values.ndim == target.ndim and index.size > 64:
+            # rows of an embedding gradient: sort the ids, sum each run of equal ids with one
+            # reduceat, add once per distinct id (measured: 0.36 vs 1.65 ms for np.add.at on
+            # 2048 rows of 128 into 256; 3.5 vs 5.0 ms for 2048 x 384 into 4096;
+            # the stable sort fixes the order of the sums, so it is deterministic)
+            order = np.argsort(index, kind="stable")
+            ids = index[order]
+            starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+            target[ids[starts]] += np.add.reduceat(values[order], starts, axis=0)
+            return
         np.add.at(target, index, values)
     else:  # pragma: no cover - GPU only
         import cupyx
