@@ -231,3 +231,15 @@ def test_empty_and_size_one_dims(rng):
     y.sum().backward()
     assert x.grad.shape == (0, 3)
     check_op(rng, lambda a: (a * 2).sum(dim=1), lambda a: (a * 2).sum(1), [(1, 1)])
+
+
+def test_scatter_add_fast_path_equals_add_at(rng):
+    from tensorlite import backend
+    idx = rng.integers(-5, 5, 500)                      # repeats and negative indices
+    vals = rng.standard_normal((500, 3))
+    a, b = np.zeros((5, 3)), np.zeros((5, 3))
+    np.add.at(a, idx, vals)
+    backend.scatter_add(np, b, idx, vals)
+    np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    x = tl.tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    check_op(rng, lambda t: t[idx], lambda t: t[idx], [(5, 3)])
