@@ -241,5 +241,4 @@ def test_scatter_add_fast_path_equals_add_at(rng):
     np.add.at(a, idx, vals)
     backend.scatter_add(np, b, idx, vals)
     np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-    x = tl.tensor(rng.standard_normal((5, 3)), requires_grad=True)
     check_op(rng, lambda t: t[idx], lambda t: t[idx], [(5, 3)])
