@@ -229,7 +229,7 @@ class LayerNorm(Function):
             xb = x2[lo:hi]
             m = xb.sum(axis=1, keepdims=True)
             m *= inv_c
-            xc = xb - m
+            xc = xp.subtract(xb, m, out=out[lo:hi])   # built in place in the output
             var = (xc * xc).sum(axis=1, keepdims=True)
             var *= inv_c
             var += eps
@@ -239,7 +239,7 @@ class LayerNorm(Function):
                 xc *= w
             if b is not None:
                 xc += b
-            out[lo:hi], mu[lo:hi], rstd[lo:hi] = xc, m, r
+            mu[lo:hi], rstd[lo:hi] = m, r
         cpu.for_rows(kernel, n, c, xp)
         self.x2, self.mu, self.rstd, self.w, self.has_b = x2, mu, rstd, w, b is not None
         self.shape = x.shape
