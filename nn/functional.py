@@ -46,9 +46,18 @@ def silu(x: Tensor) -> Tensor:
     return x * x.sigmoid()
 
 
+def _in_float32(fn, x: Tensor, *params):
+    """float16 inputs are computed in float32 and cast back (x^3 and sums of squares overflow
+    float16 at |x| ~ 40-256), as PyTorch does; the casts are part of the graph."""
+    out = fn(x.float(), *[p.float() if p is not None else None for p in params])
+    return out.half()
+
+
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """GELU: ``approximate="tanh"`` is GPT-2's formula, ``"none"`` the exact x * Phi(x)."""
     _need_float("gelu", x)
+    if x.dtype == tl.float16:
+        return _in_float32(lambda x: gelu(x, approximate), x)
     if approximate == "tanh":
         return ops.GELUTanh.apply(x)
     if approximate == "none":
@@ -75,9 +84,11 @@ def layer_norm(x: Tensor, normalized_shape, weight=None, bias=None, eps: float =
     if len(ns) != 1 or x.shape[-1:] != ns:
         raise ValueError(f"layer_norm: normalized_shape {ns} must be the last dim of the input "
                          f"{x.shape} (only last-dim normalisation is supported)")
-    args = [x] + ([weight] if weight is not None else []) + ([bias] if bias is not None else [])
     if weight is None and bias is not None:
         raise ValueError("layer_norm: a bias without a weight is not supported")
+    if x.dtype == tl.float16:
+        return _in_float32(lambda x, w, b: layer_norm(x, ns, w, b, eps), x, weight, bias)
+    args = [x] + ([weight] if weight is not None else []) + ([bias] if bias is not None else [])
     return ops.LayerNorm.apply(*args, eps=eps)
 
 
@@ -87,6 +98,8 @@ def rms_norm(x: Tensor, normalized_shape, weight=None, eps: float = 1e-6) -> Ten
     ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if len(ns) != 1 or x.shape[-1:] != ns:
         raise ValueError(f"rms_norm: normalized_shape {ns} must be the last dim of the input {x.shape}")
+    if x.dtype == tl.float16:
+        return _in_float32(lambda x, w: rms_norm(x, ns, w, eps), x, weight)
     if weight is None:
         return ops.RMSNorm.apply(x, eps=eps)
     return ops.RMSNorm.apply(x, weight, eps=eps)
@@ -140,9 +153,19 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _need_float(f"scaled_dot_product_attention: {name}", t)
     check_same_device("scaled_dot_product_attention", q, k, v)
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.ndim != k.ndim:
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or min(q.ndim, k.ndim, v.ndim) < 2:
         raise ValueError(f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} "
                          "do not fit (need q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv))")
+    leads = (q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    if not leads[0] == leads[1] == leads[2]:
+        # batch/head dims broadcast (e.g. one key/value head shared by many query heads);
+        # expand is differentiable, the engine sums the gradients back
+        try:
+            lead = tuple(backend.xp_of(q.data).broadcast_shapes(*leads))
+        except ValueError:
+            raise ValueError(f"scaled_dot_product_attention: the batch dims of q {q.shape}, "
+                             f"k {k.shape} and v {v.shape} do not broadcast") from None
+        q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
     if is_causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: is_causal with more queries "
                          f"({q.shape[-2]}) than keys ({k.shape[-2]})")

@@ -255,6 +255,8 @@ def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
     gradient summed over rows): ``kernel(lo, hi)`` returns a tuple of arrays; the tuples of
     all blocks are added up in block order (so the result does not depend on which thread
     finished first: training stays bit-for-bit reproducible) and returned as a list."""
+    if n_rows == 0:
+        return [p.copy() for p in kernel(0, 0)]   # sums over no rows: zeros of the right shape
     parts = {}
 
     def k(lo, hi):

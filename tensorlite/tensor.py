@@ -580,7 +580,9 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
                 if t.grad is None:
                     # a leaf's .grad must own its memory: optimizers and clipping update it in
                     # place, and add/reshape backwards hand the same array to several inputs
-                    if id(g) in given or g.base is not None:
+                    if id(g) in given or g.base is not None or (
+                            t._post_hooks and any(v is g for v in grads.values())):
+                        # (a hook may edit .grad in place while g still waits for another input)
                         g = g.copy()
                     given.add(id(g))
                     t.grad = Tensor._make(g, False, None)

@@ -327,3 +327,14 @@ def test_tensor_api_basics():
     assert tl.full((2,), 7).dtype == tl.int64
     np.testing.assert_array_equal(tl.arange(1, 7, 2).numpy(), [1, 3, 5])
     assert "requires_grad=True" in repr(tl.randn(2, requires_grad=True))
+
+
+def test_post_hook_editing_grad_in_place_does_not_leak_to_other_leaves():
+    # data parallelism all-reduces .grad in place from these hooks
+    a = tl.tensor([1.0, 2.0], requires_grad=True)
+    b = tl.tensor([3.0, 4.0], requires_grad=True)
+    for t in (a, b):
+        t.register_post_accumulate_grad_hook(lambda t: t.grad.data.__imul__(10))
+    (a + b).sum().backward()
+    np.testing.assert_array_equal(a.grad.numpy(), [10, 10])
+    np.testing.assert_array_equal(b.grad.numpy(), [10, 10])

@@ -201,3 +201,37 @@ def test_rotary_matches_reference_and_preserves_norm(rng):
         b = rope(tl.tensor(k.reshape(1, 1, 1, 8)), p + d).numpy().ravel()
         return a @ b
     assert dot(0, 3) == pytest.approx(dot(7, 3), rel=1e-6)  # tables built in float32
+
+
+def test_attention_broadcasts_batch_dims(rng):
+    # one key/value head shared by four query heads (multi-query attention)
+    q, k, v = t64(rng, 2, 4, 3, 5), t64(rng, 2, 1, 3, 5), t64(rng, 2, 1, 3, 5)
+    fused = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa
+    out = fused(q, k, v)
+    assert out.shape == (2, 4, 3, 5)
+    ref = R.attention(q, k.expand(2, 4, 3, 5), v.expand(2, 4, 3, 5), is_causal=True)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-12)
+    assert tl.gradcheck(fused, [q, k, v])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        F.scaled_dot_product_attention(t64(rng, 2, 4, 3, 5), t64(rng, 3, 1, 3, 5), t64(rng, 3, 1, 3, 5))
+
+
+def test_norms_on_zero_rows(rng):
+    x = tl.tensor(np.zeros((0, 5)), requires_grad=True)
+    w = tl.tensor(np.ones(5), requires_grad=True)
+    F.layer_norm(x, 5, w).sum().backward()
+    assert x.grad.shape == (0, 5) and np.all(w.grad.numpy() == 0)
+
+
+def test_float16_norms_and_gelu_compute_in_float32():
+    x = tl.tensor(np.array([[1000., 1300., 700., 1000.]], np.float16), requires_grad=True)
+    ref = np.array([0, 1.414, -1.414, 0])
+    y = F.layer_norm(x, 4)
+    assert y.dtype == tl.float16
+    np.testing.assert_allclose(y.numpy()[0].astype(np.float64), ref, atol=2e-3)
+    z = F.rms_norm(x, 4).numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(z, [0.978, 1.271, 0.685, 0.978], atol=3e-3)
+    g = tl.tensor(np.array([-300., -256., 255., 300.], np.float16), requires_grad=True)
+    F.gelu(g, "tanh").sum().backward()
+    np.testing.assert_allclose(g.grad.numpy().astype(np.float64), [0, 0, 1, 1], atol=1e-3)
+    assert g.grad.dtype == tl.float16
