@@ -172,3 +172,24 @@ def test_unigram_baseline_is_smoothed_cross_entropy():
     # train counts (2, 2, 0, 0) + 1 -> p = (3, 3, 1, 1) / 8
     assert unigram_baseline(np.array([0, 1, 0, 1]), np.array([0, 2]), 4) == pytest.approx(
         -(np.log(3 / 8) + np.log(1 / 8)) / 2)
+
+
+def test_cli_prepare_then_train_on_a_user_folder(tmp_path, capsys):
+    src = tmp_path / "texts"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
+        (src / name).write_text((stdlib / name).read_text())
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--data", str(src), "--out", str(out), "--tokenizer", "char",
+                 "--vocab-size", "400"]) == 0
+    assert (out / "meta.json").exists() and (out / "report.json").exists()
+    assert main(["train", "--data", str(out), "--out", str(tmp_path / "run"), *SMALL,
+                 "--max-steps", "3", "--eval-interval", "3"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--out", str(tmp_path / "run"), "--prompt", "import ",
+                 "--max-new-tokens", "8", "--top-p", "0.9", "--top-k", "20", "--num-samples", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("import ") == 2
+    assert main(["prepare", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
