@@ -101,7 +101,12 @@ class Function:
     and save whatever backward needs on ``self``. ``self.needs_input_grad[i]`` tells
     backward which input gradients are wanted so it can skip the others.
     """
-    __slots__ = ("parents", "needs_input_grad", "freed", "__dict__")
+    __slots__ = ("parents", "needs_input_grad", "freed", "versions", "__dict__")
+    # which inputs' values the backward reads (positions), and whether it reads the output's:
+    # an in-place change of one of those between forward and backward is an error, not a
+    # silently wrong gradient (the same check as PyTorch's version counters)
+    saved_inputs: tuple = ()
+    saves_output: bool = False
 
     @classmethod
     def apply(cls, *inputs, **params):
@@ -114,6 +119,10 @@ class Function:
                 ctx.parents = inputs
                 ctx.needs_input_grad = needs
                 ctx.freed = False
+                if cls.saved_inputs:
+                    ctx.versions = tuple(inputs[i]._version if i < len(inputs) and
+                                         isinstance(inputs[i], Tensor) else 0
+                                         for i in cls.saved_inputs)
                 return Tensor._make(out, True, ctx)
         return Tensor._make(out, False, None)
 
@@ -162,6 +171,7 @@ class Tensor:
         self._ctx = None
         self._hooks = None
         self._post_hooks = None
+        self._version = 0
         self.name = None
 
     @classmethod
@@ -173,6 +183,7 @@ class Tensor:
         t._ctx = ctx
         t._hooks = None
         t._post_hooks = None
+        t._version = 0
         t.name = None
         return t
 
@@ -401,6 +412,7 @@ class Tensor:
         if _grad_mode.enabled and self.requires_grad:
             raise RuntimeError(f"{what}: in-place change of a tensor that requires grad; "
                                "wrap it in tl.no_grad() (as optimizers do)")
+        self._version += 1  # a graph node that saved this tensor's values can tell
 
     def __iadd__(self, o):
         self._inplace_check("+=")
@@ -592,6 +604,7 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
                     for hook in t._post_hooks:
                         hook(t)
                 continue
+            _check_versions(t, ctx)
             in_grads = ctx.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
@@ -607,6 +620,24 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
                 grads[k] = pg if prev is None else prev + pg
             if not retain_graph:
                 _free(ctx)
+
+
+def _check_versions(out: Tensor, ctx) -> None:
+    cls = type(ctx)
+    stale = None
+    if cls.saves_output and out._version != 0:
+        stale = (out, 0, "its output")
+    for i, v in zip(cls.saved_inputs, getattr(ctx, "versions", ())):
+        p = ctx.parents[i] if i < len(ctx.parents) else None
+        if isinstance(p, Tensor) and p._version != v:
+            stale = (p, v, f"input {i}")
+    if stale is not None:
+        t, v, which = stale
+        raise RuntimeError(
+            f"backward: {which} of {ctx.name} (a tensor of shape {t.shape}) was changed in "
+            f"place after the forward used it (version {t._version}, expected {v}), so the "
+            f"values its backward needs are gone; change a copy (.clone()) or use an "
+            f"out-of-place op (x = x + 1 instead of x += 1)")
 
 
 def _free(ctx) -> None:

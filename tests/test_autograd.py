@@ -338,3 +338,24 @@ def test_post_hook_editing_grad_in_place_does_not_leak_to_other_leaves():
     (a + b).sum().backward()
     np.testing.assert_array_equal(a.grad.numpy(), [10, 10])
     np.testing.assert_array_equal(b.grad.numpy(), [10, 10])
+
+
+def test_inplace_change_of_a_saved_tensor_is_detected():
+    w = tl.tensor([1.0, 2.0], requires_grad=True)
+    x = tl.tensor([3.0, 4.0])
+    y = (w * x).sum()          # Mul saves x for w's gradient
+    x += 1                     # allowed (x needs no grad), but the saved values are now stale
+    with pytest.raises(RuntimeError, match=r"input 1 of Mul .* changed in place .*version 1, expected 0"):
+        y.backward()
+    z = w.exp()
+    s = (z + 1.0).sum()        # Add saves nothing
+    with tl.no_grad():
+        z += 1                 # Exp's backward reads its own output
+    with pytest.raises(RuntimeError, match="its output of Exp"):
+        s.backward()
+    # an op whose backward does not read the input: no false alarm
+    a = tl.tensor([1.0, 2.0])
+    y = (w + a).sum()
+    a += 1
+    y.backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [1, 1])

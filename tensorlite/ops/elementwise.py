@@ -91,6 +91,8 @@ class Sub(Function):
 
 
 class Mul(Function):
+    saved_inputs = (0, 1)
+
     def forward(self, a, b):
         self.a, self.b = a, b
         return a * b
@@ -102,6 +104,9 @@ class Mul(Function):
 
 
 class Div(Function):
+    saved_inputs = (1,)
+    saves_output = True
+
     def forward(self, a, b):
         self.b = b
         out = a / b
@@ -116,6 +121,7 @@ class Div(Function):
 
 class PowScalar(Function):
     """x ** p for a constant exponent p."""
+    saved_inputs = (0,)
 
     def forward(self, x, p):
         self.x, self.p = x, p
@@ -130,6 +136,8 @@ class PowScalar(Function):
 
 class Pow(Function):
     """a ** b with both tensors (or a scalar base)."""
+    saved_inputs = (0, 1)
+    saves_output = True
 
     def forward(self, a, b):
         out = a ** b
@@ -185,6 +193,8 @@ def pow(a, b):
 
 # ----------------------------------------------------------------------------- unary math
 class Exp(Function):
+    saves_output = True
+
     def forward(self, x):
         self.out = backend.xp_of(x).exp(x)
         return self.out
@@ -194,6 +204,8 @@ class Exp(Function):
 
 
 class Log(Function):
+    saved_inputs = (0,)
+
     def forward(self, x):
         self.x = x
         return backend.xp_of(x).log(x)
@@ -203,6 +215,8 @@ class Log(Function):
 
 
 class Sqrt(Function):
+    saves_output = True
+
     def forward(self, x):
         self.out = backend.xp_of(x).sqrt(x)
         return self.out
@@ -212,6 +226,8 @@ class Sqrt(Function):
 
 
 class Tanh(Function):
+    saves_output = True
+
     def forward(self, x):
         self.out = backend.xp_of(x).tanh(x)
         return self.out
@@ -221,6 +237,8 @@ class Tanh(Function):
 
 
 class Sigmoid(Function):
+    saves_output = True
+
     def forward(self, x):
         # 0.5 * (1 + tanh(x / 2)) is sigmoid without overflow for large |x|
         self.out = 0.5 * backend.xp_of(x).tanh(0.5 * x) + 0.5

@@ -63,6 +63,8 @@ def setitem_(x: Tensor, idx, value) -> None:
 
 
 class Where(Function):
+    saved_inputs = (0,)
+
     def forward(self, cond, a, b):
         self.cond = cond
         return backend.xp_of(cond).where(cond, a, b)
@@ -87,6 +89,8 @@ def where(cond, a, b) -> Tensor:
 
 
 class MaskedFill(Function):
+    saved_inputs = (1,)
+
     def forward(self, x, mask, value):
         self.mask = mask
         xp = backend.xp_of(x)
@@ -120,6 +124,7 @@ class Take(Function):
 
     weight: (V, *rest), indices: any int shape S  ->  out: (*S, *rest)
     """
+    saved_inputs = (1,)
 
     def forward(self, weight, indices):
         self.shape, self.indices = weight.shape, indices

@@ -19,6 +19,7 @@ def _swap(a):
 
 class MatMul(Function):
     """a: (..., M, K) @ b: (..., K, N) -> (..., M, N); both at least 2-D."""
+    saved_inputs = (0, 1)
 
     def forward(self, a, b):
         self.a, self.b = a, b

@@ -15,6 +15,8 @@ from .shape import _dim
 
 
 class Softmax(Function):
+    saves_output = True
+
     def forward(self, x, axis):
         xp = backend.xp_of(x)
         e = xp.exp(x - x.max(axis=axis, keepdims=True))   # shift: exp never overflows
@@ -28,6 +30,8 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
+    saves_output = True
+
     def forward(self, x, axis):
         xp = backend.xp_of(x)
         shifted = x - x.max(axis=axis, keepdims=True)
@@ -99,6 +103,7 @@ class Linear(Function):
     gradient comes out as (out, in) directly, with no transposed copy, from one GEMM over
     all rows.
     """
+    saved_inputs = (0, 1)
 
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_b = x, w, b is not None
@@ -127,6 +132,7 @@ class GELUTanh(Function):
     backward: dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3)).
     Only x is saved; the backward recomputes t block by block, in cache.
     """
+    saved_inputs = (0,)
 
     def forward(self, x):
         xp = backend.xp_of(x)
@@ -192,6 +198,7 @@ def erf(x):
 
 class GELUExact(Function):
     """GELU, exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    saved_inputs = (0,)
 
     def forward(self, x):
         self.x = x
@@ -214,6 +221,7 @@ class LayerNorm(Function):
               dw = sum over rows of dy * xhat,  db = sum over rows of dy
     Saves x (alive anyway), the row means and 1/std: xhat is recomputed per block.
     """
+    saved_inputs = (0, 1)
 
     def forward(self, x, w=None, b=None, eps=1e-5):
         xp = backend.xp_of(x)
@@ -277,6 +285,7 @@ class LayerNorm(Function):
 
 class RMSNorm(Function):
     """x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps) over the last dim (no centering)."""
+    saved_inputs = (1,)
 
     def forward(self, x, w=None, eps=1e-6):
         xp = backend.xp_of(x)
@@ -307,6 +316,7 @@ class CrossEntropy(Function):
     backward recomputes them block by block while writing the gradient.
     With label smoothing e: loss_i = (1 - e) nll_i + e (lse_i - mean_j logits_ij).
     """
+    saved_inputs = (0,)
 
     def forward(self, logits, targets, ignore_index, reduction, label_smoothing=0.0):
         xp = backend.xp_of(logits)
@@ -463,6 +473,7 @@ class Attention(Function):
     ``mask``: None, a bool array (True = may attend) or a float array added to the scores;
     ``is_causal`` adds the causal mask. Dropout on P uses ``dropout_p`` and a seeded generator.
     """
+    saved_inputs = (0, 1, 2)
 
     def forward(self, q, k, v, mask=None, is_causal=False, scale=None, dropout_p=0.0,
                 generator=None):
