@@ -91,7 +91,9 @@ class CorpusReport:
     fingerprint: dict = field(default_factory=dict)
 
     def note(self, reason: str, source: str) -> None:
-        """Remember a few example sources for a skip reason (for the report)."""
+        """Count one ``reason`` (a counter field of this report) and remember a few example
+        sources for it."""
+        setattr(self, reason, getattr(self, reason) + 1)
         bucket = self.examples.setdefault(reason, [])
         if len(bucket) < _MAX_EXAMPLES:
             bucket.append(source)
@@ -173,26 +175,21 @@ def _read_jsonl(data: bytes, key: str, text_field: str, errors: str, report: Cor
         source = f"{key}:{lineno}"
         line, bad = _decode(raw, errors)
         if line is None:
-            report.non_utf8_skipped += 1
             report.note("non_utf8_skipped", source)
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
-            report.jsonl_bad_lines += 1
             report.note("jsonl_bad_lines", source)
             continue
         if not isinstance(obj, dict):
-            report.jsonl_bad_lines += 1
             report.note("jsonl_bad_lines", source)
             continue
         text = obj.get(text_field)
         if not isinstance(text, str):
-            report.jsonl_missing_field += 1
             report.note("jsonl_missing_field", source)
             continue
         if bad:
-            report.non_utf8_replaced += 1
             report.note("non_utf8_replaced", source)
         docs.append(Document(source, text))
     return docs
@@ -306,14 +303,12 @@ def read_corpus(
         try:
             data = path.read_bytes()
         except OSError as exc:
-            report.skipped_unreadable += 1
             report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
             continue
         report.files_read += 1
         report.bytes_read += len(data)
         entries.append((key, hashlib.sha256(data).hexdigest()))
         if b"\0" in data[:_BINARY_SNIFF_BYTES]:
-            report.skipped_binary += 1
             report.note("skipped_binary", key)
             continue
         if path.suffix.lower() in JSONL_SUFFIXES:
@@ -321,11 +316,9 @@ def read_corpus(
             continue
         text, bad = _decode(data, errors)
         if text is None:
-            report.non_utf8_skipped += 1
             report.note("non_utf8_skipped", key)
             continue
         if bad:
-            report.non_utf8_replaced += 1
             report.note("non_utf8_replaced", key)
         documents.append(Document(key, text))
 

@@ -179,9 +179,7 @@ class GPT(nn.Module):
         try:
             rng = np.random.default_rng(seed) if seed is not None else \
                 np.random.default_rng(tl.default_generator.np.integers(2**63))
-            ids = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
-            if ids.ndim == 1:
-                ids = ids[None]
+            ids = _prompt_ids(idx)
             if ids.shape[1] == 0:
                 raise ValueError("generate: the prompt is empty; give at least one token "
                                  "(e.g. the BOS id)")
@@ -206,12 +204,16 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                  top_p=None, seed=None, use_cache: bool = True) -> np.ndarray:
         """(B, T) prompt ids -> (B, T + max_new_tokens) ids. temperature 0 means greedy."""
-        ids = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = _prompt_ids(idx)
         new = list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed,
                                         use_cache))
         return np.concatenate([ids] + [n[:, None] for n in new], axis=1) if new else ids
+
+
+def _prompt_ids(idx) -> np.ndarray:
+    """A prompt (list, array or Tensor; (T,) or (B, T)) as a (B, T) int64 array."""
+    ids = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
+    return ids[None] if ids.ndim == 1 else ids
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens):

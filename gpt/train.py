@@ -370,8 +370,6 @@ class Trainer:
             log.close()
         if stopped:
             raise TrainingError(stopped)
-        if self.step and not interrupted:
-            plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
         summary = {"step": self.step, "best_val_loss": self.best_val,
                    "unigram_baseline": self.baseline, "interrupted": interrupted,
                    "out": str(self.out)}

@@ -67,13 +67,12 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) -> Tensor:
     """Inverted dropout; the identity when not training or p == 0."""
-    if not 0.0 <= p < 1.0:
-        if p == 1.0 and training:
-            return x * 0.0
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
+    if p == 1.0:
+        return x * 0.0
     return ops.Dropout.apply(x, p=p, generator=generator)
 
 

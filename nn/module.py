@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import tensorlite as tl
 from tensorlite import backend
-from tensorlite.tensor import Tensor, _is_dtype_name
+from tensorlite.tensor import Tensor, parse_to_args
 
 
 class Parameter(Tensor):
@@ -142,11 +142,7 @@ class Module:
     def to(self, *args, dtype=None, device=None):
         """Move/cast every parameter and buffer in place (a Parameter keeps its identity, so an
         optimizer built earlier still holds the right objects). Only float tensors change dtype."""
-        for a in args:
-            if isinstance(a, str) and not _is_dtype_name(a):
-                device = a
-            else:
-                dtype = a
+        device, dtype = parse_to_args(args, device, dtype)
         dt = tl.as_dtype(dtype) if dtype is not None else None
         for t in list(self.parameters()) + list(self.buffers()):
             arr = t.data
@@ -166,29 +162,28 @@ class Module:
         return self.to(tl.float32)
 
     # -- state -------------------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, Tensor]":
-        """name -> tensor for every parameter and persistent buffer (tied weights: once)."""
-        out = OrderedDict()
+    def _state_tensors(self):
+        """(name, live tensor) for every parameter and persistent buffer, in PyTorch's order
+        (a module's own tensors, then its children's); a tied parameter appears once."""
         seen = set()
         for mp, m in self.named_modules():
             for n, p in m._parameters.items():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
-                    out[f"{mp}.{n}" if mp else n] = p.detach()
+                    yield (f"{mp}.{n}" if mp else n), p
             for n, b in m._buffers.items():
                 if b is not None and n not in m._non_persistent:
-                    out[f"{mp}.{n}" if mp else n] = b.detach()
-        return out
+                    yield (f"{mp}.{n}" if mp else n), b
+
+    def state_dict(self) -> "OrderedDict[str, Tensor]":
+        """name -> tensor for every parameter and persistent buffer (tied weights: once)."""
+        return OrderedDict((k, t.detach()) for k, t in self._state_tensors())
 
     def load_state_dict(self, state, strict: bool = True):
         """Copy values into this module's tensors (in place). ``strict``: the keys must match
-        exactly. A shape mismatch is always an error. Returns (missing, unexpected) keys."""
-        own = self.state_dict()
-        own_tensors = dict(self.named_parameters())
-        for mp, m in self.named_modules():
-            for n, b in m._buffers.items():
-                if b is not None and n not in m._non_persistent:
-                    own_tensors[f"{mp}.{n}" if mp else n] = b
+        exactly. A shape mismatch is always an error. Everything is checked before anything
+        is copied. Returns (missing, unexpected) keys."""
+        own = OrderedDict(self._state_tensors())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if strict and (missing or unexpected):
@@ -199,14 +194,13 @@ class Module:
                 parts.append(f"unexpected keys {unexpected}")
             raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts) +
                            " (pass strict=False to load the keys that match)")
-        for k, v in state.items():
-            if k not in own_tensors:
-                continue
-            t = own_tensors[k]
-            arr = v.data if isinstance(v, Tensor) else v
+        matched = [(k, own[k], v.data if isinstance(v, Tensor) else v)
+                   for k, v in state.items() if k in own]
+        for k, t, arr in matched:
             if tuple(arr.shape) != t.shape:
                 raise ValueError(f"load_state_dict: {k!r} has shape {tuple(arr.shape)} in the "
                                  f"checkpoint but {t.shape} in the model")
+        for _, t, arr in matched:
             if backend.device_of(arr) != t.device:
                 arr = backend.to_device(arr, t.device)
             t.data[...] = backend.xp_of(t.data).asarray(arr, dtype=t.dtype)

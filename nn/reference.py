@@ -41,13 +41,14 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """-log softmax(logits)[target], averaged over targets that are not ignored."""
     v = logits.shape[-1]
     logp = logits.reshape(-1, v).log_softmax(-1)
-    t = targets.numpy().reshape(-1) if isinstance(targets, Tensor) else np.asarray(targets).reshape(-1)
+    t_shape = logits.shape[:-1]
+    t = (targets.numpy() if isinstance(targets, Tensor) else np.asarray(targets)).reshape(-1)
     valid = t != ignore_index
     onehot = tl.tensor((np.where(valid, t, 0)[:, None] == np.arange(v)) & valid[:, None],
                        dtype=logits.dtype)
     nll = -(logp * onehot).sum(dim=-1)
     if reduction == "none":
-        return nll.reshape(*t.shape) if not isinstance(targets, Tensor) else nll.reshape(*targets.shape)
+        return nll.reshape(*t_shape)
     if reduction == "sum":
         return nll.sum()
     return nll.sum() / max(int(valid.sum()), 1)

@@ -122,38 +122,27 @@ def _blas_libs() -> list:
 
 
 @contextlib.contextmanager
-def single_threaded_blas():
-    """BLAS on one thread inside the block, restored after (nested uses are free)."""
+def blas_threads(n: int):
+    """BLAS on ``n`` threads inside the block, back to what it was after. Only the outermost
+    block on a thread sets anything: nested blocks (a kernel inside a pool part) are free."""
     depth = getattr(_local, "depth", 0)
     libs = _blas_libs() if depth == 0 else []
     before = [lib.get_num_threads() for lib in libs]
-    for lib, n in zip(libs, before):
-        if n != 1:
-            lib.set_num_threads(1)
+    for lib, b in zip(libs, before):
+        if b != n:
+            lib.set_num_threads(n)
     _local.depth = depth + 1
     try:
         yield
     finally:
         _local.depth = depth
-        for lib, n in zip(libs, before):
-            if n != 1:
-                lib.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def blas_threads(n: int):
-    """BLAS on ``n`` threads inside the block, back to what it was after."""
-    libs = _blas_libs() if not getattr(_local, "depth", 0) else []
-    before = [lib.get_num_threads() for lib in libs]
-    for lib, b in zip(libs, before):
-        if b != n:
-            lib.set_num_threads(n)
-    try:
-        yield
-    finally:
         for lib, b in zip(libs, before):
             if b != n:
                 lib.set_num_threads(b)
+
+
+def single_threaded_blas():
+    return blas_threads(1)
 
 
 def use_single_threaded_blas() -> bool:

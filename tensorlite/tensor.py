@@ -165,10 +165,13 @@ class Tensor:
         arr = _to_array(data, dtype, device)
         if requires_grad and arr.dtype.kind != "f":
             raise TypeError(f"only float tensors can require grad, got dtype {arr.dtype}")
-        self.data = arr
-        self.requires_grad = bool(requires_grad)
+        self._init(arr, bool(requires_grad), None)
+
+    def _init(self, data, requires_grad: bool, ctx) -> None:
+        self.data = data
+        self.requires_grad = requires_grad
         self.grad = None
-        self._ctx = None
+        self._ctx = ctx
         self._hooks = None
         self._post_hooks = None
         self._version = 0
@@ -176,15 +179,10 @@ class Tensor:
 
     @classmethod
     def _make(cls, data, requires_grad, ctx):
+        """A tensor around an existing backend array, skipping __init__'s conversions
+        (every op output is made here)."""
         t = object.__new__(cls)
-        t.data = data
-        t.requires_grad = requires_grad
-        t.grad = None
-        t._ctx = ctx
-        t._hooks = None
-        t._post_hooks = None
-        t._version = 0
-        t.name = None
+        t._init(data, requires_grad, ctx)
         return t
 
     # -- properties --------------------------------------------------------
@@ -289,11 +287,7 @@ class Tensor:
 
     def to(self, *args, dtype=None, device=None) -> "Tensor":
         """``t.to("cuda")``, ``t.to(tl.float64)``, ``t.to("cpu", tl.float32)``. Differentiable."""
-        for a in args:
-            if isinstance(a, str) and not _is_dtype_name(a):
-                device = a
-            else:
-                dtype = a
+        device, dtype = parse_to_args(args, device, dtype)
         out = self
         if device is not None:
             from .ops.elementwise import ToDevice
@@ -512,6 +506,17 @@ class _HookHandle:
 
 def _is_dtype_name(s: str) -> bool:
     return s.replace("torch.", "").replace("tl.", "") in _DTYPES
+
+
+def parse_to_args(args, device=None, dtype=None):
+    """The positional arguments of ``.to(...)`` (tensors and modules): a device string or a
+    dtype, in any order -> (device, dtype)."""
+    for a in args:
+        if isinstance(a, str) and not _is_dtype_name(a):
+            device = a
+        else:
+            dtype = a
+    return device, dtype
 
 
 def _to_array(data, dtype, device):

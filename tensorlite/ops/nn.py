@@ -387,12 +387,6 @@ class Dropout(Function):
 
 
 # ============================================================================ attention
-def causal_mask(xp, tq: int, tk: int):
-    """(Tq, Tk) bool, True where query i may attend key j. Queries are the last Tq of the Tk
-    positions (so with a KV cache, a new token sees every cached one and itself)."""
-    return xp.tril(xp.ones((tq, tk), dtype=bool), k=tk - tq)
-
-
 def attention_forward(q, k, v, mask, is_causal, scale, dropout_p, generator):
     """The math of attention, shared by both attention ops.
 

@@ -98,11 +98,6 @@ class Var(Function):
         return g * (2.0 / self.denom) * self.centered
 
 
-def _float_check(x: Tensor, op: str):
-    if x.dtype.kind not in "fiub":
-        raise TypeError(f"{op}: unsupported dtype {x.dtype}")
-
-
 def sum(x: Tensor, dim=None, keepdim=False) -> Tensor:
     return Sum.apply(x, axes=normalize_dims(dim, x.ndim, "sum"), keepdim=keepdim)
 
