@@ -29,9 +29,9 @@ class KVCache:
     def reset(self):
         self.length, self._k, self._v, self._parts = 0, None, None, []
 
-    def reserve(self, b: int, h: int, t: int, d: int, like):
-        """For the packed decoding path: the buffers as (B*H, max_len, D) views and the
-        position where T new entries go; advances the length."""
+    def _claim(self, b: int, h: int, t: int, d: int, dv: int, like) -> int:
+        """Check that T new positions fit (allocating the buffers on first use), advance the
+        length and return where the new positions start."""
         lo = self.length
         if lo + t > self.max_len:
             raise ValueError(f"KVCache: {lo} cached + {t} new positions exceed max_len "
@@ -39,36 +39,31 @@ class KVCache:
         if self._k is None:
             xp = backend.xp_of(like)
             self._k = xp.zeros((b, h, self.max_len, d), dtype=like.dtype)
-            self._v = xp.zeros((b, h, self.max_len, d), dtype=like.dtype)
-        elif self._k.shape != (b, h, self.max_len, d):
+            self._v = xp.zeros((b, h, self.max_len, dv), dtype=like.dtype)
+        elif self._k.shape != (b, h, self.max_len, d) or self._v.shape[3] != dv:
             raise ValueError(f"KVCache: new keys (batch {b}, {h} heads, size {d}) do not match "
                              f"the cache {self._k.shape}; call reset() when the batch changes")
         self.length = lo + t
+        return lo
+
+    def reserve(self, b: int, h: int, t: int, d: int, like):
+        """For the packed decoding path: the buffers as (B*H, max_len, D) views and the
+        position where T new entries go; advances the length."""
+        lo = self._claim(b, h, t, d, d, like)
         return (self._k.reshape(b * h, self.max_len, d), self._v.reshape(b * h, self.max_len, d), lo)
 
     def update(self, k: Tensor, v: Tensor):
         """k, v: (B, H, T, D) for the new positions -> all cached (B, H, length, D)."""
         b, h, t, d = k.shape
-        lo, hi = self.length, self.length + t
-        if hi > self.max_len:
-            raise ValueError(f"KVCache: {lo} cached + {t} new positions exceed max_len "
-                             f"{self.max_len}; reset the cache or crop the context")
-        if self._k is None:
-            xp = backend.xp_of(k.data)
-            self._k = xp.zeros((b, h, self.max_len, d), dtype=k.dtype)
-            self._v = xp.zeros((b, h, self.max_len, v.shape[-1]), dtype=v.dtype)
-        elif self._k.shape[:2] != (b, h) or self._k.shape[3] != d:
-            raise ValueError(f"KVCache: new keys {k.shape} do not match the cache "
-                             f"{self._k.shape}; call reset() when the batch changes")
-        track = k.requires_grad or v.requires_grad
+        lo = self._claim(b, h, t, d, v.shape[-1], k.data)
+        hi = lo + t
         ks = [p[0] for p in self._parts] + [k]
         vs = [p[1] for p in self._parts] + [v]
         ranges = [(p[2], p[3]) for p in self._parts] + [(lo, hi)]
         k_all = ops.CacheAppend.apply(*ks, buf=self._k, lo=lo, ranges=ranges)
         v_all = ops.CacheAppend.apply(*vs, buf=self._v, lo=lo, ranges=ranges)
-        if track and tl.is_grad_enabled():
+        if (k.requires_grad or v.requires_grad) and tl.is_grad_enabled():
             self._parts.append((k, v, lo, hi))
-        self.length = hi
         return k_all, v_all
 
 
