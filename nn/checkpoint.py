@@ -9,7 +9,8 @@ Layout of a checkpoint folder (``save_checkpoint("runs/ckpt", ...)``)::
         model.safetensors      the model's state_dict (parameters and persistent buffers)
         optim.safetensors      the optimizer's state arrays, keyed "state.<index>.<name>"
         meta.json              format version, config, extra (step, RNG, loader position...),
-                               optimizer type, hyperparameters and state layout, scheduler
+                               optimizer type, hyperparameters and state layout, scheduler,
+                               and the size and SHA-256 of each file above ("sizes", "sha256")
       .tmp-step-00000300-1a2b/ an interrupted save: never read, removed by the next save
 
 Why a ``latest`` pointer rather than renaming a folder over the old one: POSIX cannot
@@ -21,10 +22,18 @@ renames it to its final (new, unique) name, and only then replaces ``latest`` at
 either the previous complete checkpoint or the new complete one. Older checkpoints
 beyond ``keep`` are deleted after the commit. One process writes a given folder (rank 0
 under data parallelism).
+
+Damage after the save (a bad disk, an interrupted copy, a file overwritten in place) is
+caught on load: ``load_checkpoint`` checks the size and SHA-256 of each file it reads
+against meta.json before it changes the model or optimizer, and raises
+``CheckpointCorruptError`` naming the file; ``verify_checkpoint`` checks every file
+without loading anything (to choose another checkpoint when one is damaged). Checkpoints
+written before the hashes were recorded have no "sha256" and are checked by size only.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -38,9 +47,9 @@ from safetensors import SafetensorError, safe_open
 from tensorlite import backend
 from tensorlite.tensor import Tensor
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "save_state_dict",
-           "load_state_dict_file", "read_metadata", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointCorruptError",
+           "save_state_dict", "load_state_dict_file", "read_metadata", "save_checkpoint",
+           "load_checkpoint", "verify_checkpoint", "latest_checkpoint"]
 
 FORMAT = "tensorlite-checkpoint"
 FORMAT_VERSION = 1
@@ -55,6 +64,11 @@ class CheckpointError(Exception):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No checkpoint at the path (also a FileNotFoundError, for "resume if present" code)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is missing, or its size or SHA-256 differs from what meta.json
+    recorded at save time; the message names the file."""
 
 
 # ----------------------------------------------------------------------------- durable writes
@@ -73,6 +87,23 @@ def _fsync_path(path: str) -> None:
 
 
 fsync_path = _fsync_path  # public: gpt.shards makes its renames durable the same way
+
+
+_HASH_CHUNK = 1 << 20
+
+
+def _sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def _tmp_name(final: str) -> str:
@@ -375,7 +406,8 @@ def save_checkpoint(path, model=None, optimizer=None, config: dict | None = None
         name, k = f"{tag}-{k}", k + 1
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seq": seq, "tag": name,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": config, "extra": extra, "files": {}, "sizes": {}, "optimizer": optim_desc,
+            "config": config, "extra": extra, "files": {}, "sizes": {}, "sha256": {},
+            "optimizer": optim_desc,
             "scheduler": scheduler.state_dict() if scheduler is not None else None}
     if model is not None:
         meta["model"] = {"class": type(model).__name__, "tensors": len(model_arrays),
@@ -399,6 +431,7 @@ def save_checkpoint(path, model=None, optimizer=None, config: dict | None = None
             files["optimizer"] = OPTIM_FILE
         meta["files"] = files
         meta["sizes"] = {f: os.path.getsize(os.path.join(tmp, f)) for f in files.values()}
+        meta["sha256"] = {f: _sha256_file(os.path.join(tmp, f)) for f in files.values()}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             f.write(_dumps(meta, "meta"))
             f.flush()
@@ -469,12 +502,62 @@ def _check_model_state(model, arrays, file, strict):
                               "). Build the model with the checkpoint's config (meta['config'])")
 
 
+def _check_files(folder: str, meta: dict, hash_only=None) -> None:
+    """Check that each file meta.json lists exists with its saved size, and that the files in
+    ``hash_only`` (all when None) have their saved SHA-256 (when meta.json records one)."""
+    meta_file = os.path.join(folder, META_FILE)
+    sizes, hashes = meta.get("sizes", {}), meta.get("sha256", {})
+    if not isinstance(sizes, dict) or not isinstance(hashes, dict):
+        raise CheckpointError(f"{meta_file}: \"sizes\" and \"sha256\" must be objects; the "
+                              "checkpoint is damaged: load an earlier one")
+    listed = list(dict.fromkeys([*meta.get("files", {}).values(), *sizes, *hashes]))
+    for fname in listed:
+        file = os.path.join(folder, fname)
+        if not os.path.isfile(file):
+            raise CheckpointCorruptError(f"{file} is missing from the checkpoint; load an "
+                                         "earlier one")
+        size = sizes.get(fname)
+        if size is not None and os.path.getsize(file) != size:
+            raise CheckpointCorruptError(
+                f"{file} has {os.path.getsize(file)} bytes but was saved with {size}: it is "
+                "truncated or was replaced; copy it again or load an earlier checkpoint")
+    for fname in (listed if hash_only is None else hash_only):
+        expected = hashes.get(fname)
+        if expected is None:            # saved before hashes were recorded: size only
+            continue
+        file = os.path.join(folder, fname)
+        try:
+            actual = _sha256_file(file)
+        except OSError as e:
+            raise CheckpointCorruptError(f"{file} cannot be read ({e}); copy it again or load "
+                                         "an earlier checkpoint") from None
+        if actual != str(expected).lower():
+            raise CheckpointCorruptError(
+                f"{file} is damaged: its content does not match the SHA-256 recorded at save "
+                f"time in {META_FILE} (saved {str(expected)[:16]}..., now {actual[:16]}...). "
+                "Load an earlier or another checkpoint (or copy this one again from a good "
+                "source)")
+
+
+def verify_checkpoint(path) -> str:
+    """Check a checkpoint without loading it: meta.json is readable, and every file it lists
+    exists with the size and SHA-256 recorded at save time (size only for checkpoints saved
+    without hashes). ``path`` as for ``load_checkpoint``. Returns the checkpoint folder;
+    raises ``CheckpointCorruptError`` naming a damaged file, or another ``CheckpointError``
+    (``CheckpointNotFoundError`` when there is no checkpoint)."""
+    folder = _resolve(path)
+    _check_files(folder, _read_meta(folder))
+    return folder
+
+
 def load_checkpoint(path, model=None, optimizer=None, scheduler=None, strict: bool = True) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` into ``model`` / ``optimizer`` /
     ``scheduler`` (each optional) and return its meta dict (``config``, ``extra``, ...,
     ``path``: the folder read). ``path``: the folder given to ``save_checkpoint`` (its
     ``latest`` checkpoint is read) or one checkpoint folder inside it. The model and
-    optimizer state are read and checked before either is changed."""
+    optimizer state are read and checked before either is changed: each file read must
+    have the SHA-256 recorded at save time, else ``CheckpointCorruptError`` names it. With
+    no model or optimizer only meta.json is read (and file sizes checked), no hashing."""
     folder = _resolve(path)
     meta = _read_meta(folder)
     files = meta.get("files", {})
@@ -484,14 +567,8 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None, strict: bo
                                   f"{kind}=); load it with {kind}=None")
     if scheduler is not None and meta.get("scheduler") is None:
         raise CheckpointError(f"{folder} holds no scheduler state; load it with scheduler=None")
-    for fname, size in meta.get("sizes", {}).items():
-        file = os.path.join(folder, fname)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file} is missing from the checkpoint; load an earlier one")
-        if os.path.getsize(file) != size:
-            raise CheckpointError(f"{file} has {os.path.getsize(file)} bytes but was saved with "
-                                  f"{size}: it is truncated or was replaced; copy it again or "
-                                  "load an earlier checkpoint")
+    _check_files(folder, meta, hash_only=[files[k] for k, obj in (
+        ("model", model), ("optimizer", optimizer)) if obj is not None])
 
     model_arrays = optim_state = None
     if model is not None:

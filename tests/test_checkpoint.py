@@ -8,9 +8,9 @@ import pytest
 
 import tensorlite as tl
 from nn import checkpoint as ck
-from nn.checkpoint import (CheckpointError, CheckpointNotFoundError, latest_checkpoint,
-                           load_checkpoint, load_state_dict_file, read_metadata, save_checkpoint,
-                           save_state_dict)
+from nn.checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError,
+                           latest_checkpoint, load_checkpoint, load_state_dict_file, read_metadata,
+                           save_checkpoint, save_state_dict, verify_checkpoint)
 from nn.module import Module, Parameter
 from nn.optim import SGD, AdamW
 from nn.schedule import WarmupCosine
@@ -171,6 +171,120 @@ def test_truncated_checkpoint_file(tmp_path):
     Path(folder, "meta.json").write_text('{"format": "tensorlite-che')
     with pytest.raises(CheckpointError, match="meta.json is not readable JSON"):
         load_checkpoint(tmp_path, Net())
+
+
+
+# ----------------------------------------------------------------------------- content hashes
+def _big_trained(d=128, h=256):
+    """A model whose model.safetensors and optim.safetensors exceed 64 KiB, trained a step so
+    the optimizer has state."""
+    tl.manual_seed(3)
+    model = Net(d=d, h=h)
+    opt = make_opt(model)
+    r = np.random.default_rng(0)
+    train(model, opt, [(r.standard_normal((8, d)).astype(np.float32),
+                        r.standard_normal((8, 1)).astype(np.float32))])
+    return model, opt
+
+
+def _overwrite_middle(file, data: bytes):
+    """Write ``data`` over the middle of ``file`` in place: the size does not change."""
+    size = os.path.getsize(file)
+    assert size > len(data) + 1024
+    with open(file, "r+b") as f:
+        f.seek((size - len(data)) // 2)
+        f.write(data)
+    assert os.path.getsize(file) == size
+
+
+def test_meta_records_sha256_of_each_file(tmp_path):
+    import hashlib
+    model, opt = _big_trained(d=4, h=6)
+    folder = save_checkpoint(tmp_path, model, opt)
+    meta = json.loads(Path(folder, "meta.json").read_text())
+    assert sorted(meta["sha256"]) == ["model.safetensors", "optim.safetensors"]
+    for f, digest in meta["sha256"].items():
+        assert digest == hashlib.sha256(Path(folder, f).read_bytes()).hexdigest()
+
+
+def test_corrupt_model_file_of_same_size_is_detected(tmp_path):
+    model, opt = _big_trained()
+    folder = save_checkpoint(tmp_path, model, opt)
+    file = os.path.join(folder, "model.safetensors")
+    _overwrite_middle(file, b"\xff" * 65536)
+    tl.manual_seed(7)
+    m2, _ = _big_trained()
+    before = params_of(m2)
+    with pytest.raises(CheckpointCorruptError, match="does not match the SHA-256 recorded at "
+                                                     "save time") as e:
+        load_checkpoint(tmp_path, m2)
+    assert file in str(e.value) and "earlier or another checkpoint" in str(e.value)
+    assert isinstance(e.value, CheckpointError)
+    assert_same(params_of(m2), before)            # nothing was changed
+    assert load_checkpoint(tmp_path)["path"] == folder    # meta only: no hashing, still loads
+
+
+def test_corrupt_optimizer_file_of_same_size_is_detected(tmp_path):
+    model, opt = _big_trained()
+    folder = save_checkpoint(tmp_path, model, opt)
+    file = os.path.join(folder, "optim.safetensors")
+    _overwrite_middle(file, b"\xff" * 65536)
+    m2, o2 = _big_trained()
+    before_p = params_of(m2)
+    before_o = {k: v.copy() for k, v in o2.state[m2.l1.w].items() if isinstance(v, np.ndarray)}
+    for kwargs in ({"optimizer": o2}, {"model": m2, "optimizer": o2}):
+        with pytest.raises(CheckpointCorruptError, match="optim.safetensors is damaged") as e:
+            load_checkpoint(tmp_path, **kwargs)
+        assert file in str(e.value)
+        assert_same(params_of(m2), before_p)
+        assert_same({k: v for k, v in o2.state[m2.l1.w].items() if k in before_o}, before_o)
+    load_checkpoint(tmp_path, model=Net(d=128, h=256))    # the model file is intact
+
+
+def test_single_flipped_byte_is_detected(tmp_path):
+    model, opt = _big_trained(d=4, h=6)
+    folder = save_checkpoint(tmp_path, model, opt)
+    file = Path(folder, "model.safetensors")
+    data = bytearray(file.read_bytes())
+    data[len(data) - 3] ^= 0x01                    # one bit of one float in the last tensor
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors is damaged"):
+        load_checkpoint(tmp_path, Net())
+
+
+def test_verify_checkpoint(tmp_path):
+    model, opt = _big_trained()
+    first = save_checkpoint(tmp_path, model, opt, extra={"step": 1}, keep=None)
+    second = save_checkpoint(tmp_path, model, opt, extra={"step": 2}, keep=None)
+    assert verify_checkpoint(tmp_path) == second          # the root follows `latest`
+    assert verify_checkpoint(first) == first
+    _overwrite_middle(os.path.join(second, "optim.safetensors"), b"\xff" * 65536)
+    with pytest.raises(CheckpointCorruptError, match="optim.safetensors is damaged"):
+        verify_checkpoint(tmp_path)
+    assert verify_checkpoint(first) == first              # a fallback is still good
+    Path(first, "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors has 10 bytes"):
+        verify_checkpoint(first)
+    os.remove(os.path.join(first, "model.safetensors"))
+    with pytest.raises(CheckpointCorruptError, match="model.safetensors is missing"):
+        verify_checkpoint(first)
+    with pytest.raises(CheckpointNotFoundError):
+        verify_checkpoint(tmp_path / "no-such-run")
+
+
+def test_checkpoint_without_hashes_still_loads(tmp_path):
+    """Checkpoints saved before the hashes were recorded load (checked by size only)."""
+    model, opt = _big_trained(d=4, h=6)
+    folder = save_checkpoint(tmp_path, model, opt)
+    meta_file = Path(folder, "meta.json")
+    meta = json.loads(meta_file.read_text())
+    del meta["sha256"]
+    meta_file.write_text(json.dumps(meta))
+    m2 = Net()
+    o2 = make_opt(m2)
+    load_checkpoint(tmp_path, m2, o2)
+    assert_same(params_of(m2), params_of(model))
+    assert verify_checkpoint(tmp_path) == folder
 
 
 def test_wrong_shapes_and_keys_are_clear_errors(tmp_path):
