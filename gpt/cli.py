@@ -16,7 +16,7 @@ DEFAULT_DATA = "data/stdlib"
 # option -> (type, help); names follow nanoGPT's
 TRAIN_OPTIONS = {
     "data": (str, f"prepared data folder (default {DEFAULT_DATA}: the Python standard library, "
-                  "prepared on first use)"),
+                  "prepared on first use; with --resume, the run's own data)"),
     "out": (str, "run folder for checkpoints, log.jsonl, loss.png (default runs/gpt)"),
     "preset": (str, "model size: tiny | small | medium (default tiny)"),
     "n_layer": (int, "transformer blocks"),
@@ -39,14 +39,18 @@ TRAIN_OPTIONS = {
     "eval_steps": (int, "validation batches per evaluation (default 20)"),
     "log_interval": (int, "steps between log records (default 10)"),
     "ckpt_interval": (int, "steps between checkpoints (default: every evaluation)"),
+    "ckpt_minutes": (float, "also save ckpt/latest every this many minutes, so a killed run "
+                            "loses minutes, not the run; 0 = off (default 5)"),
     "seed": (int, "random seed (default 1337)"),
     "device": (str, "cpu | cuda | cuda:N (default cpu)"),
-    "dtype": (str, "float32 | float64 | float16 (default float32)"),
+    "dtype": (str, "float32 | float64 (default float32; float16 training is not supported)"),
     "samples": (int, "samples printed at the end (default 3)"),
     "sample_tokens": (int, "tokens per sample (default 120)"),
 }
 TRAIN_FLAGS = {
     "resume": "continue from the latest checkpoint in --out, exactly",
+    "overwrite": "replace the run already in --out (its checkpoints, log and plots are deleted "
+                 "when training starts)",
     "skip_nonfinite": "skip steps whose loss is inf/nan instead of stopping",
     "no_bias": "no biases in linear layers and norms",
     "post_ln": "post-LN blocks (LayerNorm(x + Sublayer(x)), the original transformer)",
@@ -116,22 +120,42 @@ def _train_config(args):
 
 # ------------------------------------------------------------------------------ commands
 def cmd_prepare(args) -> int:
-    from .prepare import prepare
-    d = _merge(args, PREPARE_OPTIONS, {}, "prepare")
+    """Prepare into --out; nothing to do when --out is already prepared from the same data
+    with the same options (unless --overwrite). What else --out holds is never replaced
+    without --overwrite (see gpt.prepare.check_out_dir)."""
+    from .prepare import is_prepared, options_from_flat, prepare
+    d = _merge(args, PREPARE_OPTIONS, PREPARE_FLAGS, "prepare")
     data = d.pop("data", None)
     out = d.pop("out", DEFAULT_DATA)
-    prepare(data=data, out_dir=out, **d)
+    overwrite = bool(d.pop("overwrite", False))
+    options = options_from_flat(d)
+    if not overwrite and is_prepared(out, data, **options):
+        print(f"{out} is already prepared from this data with these options: nothing to do "
+              f"(--overwrite prepares it again)")
+        return 0
+    prepare(data=data, out_dir=out, overwrite=overwrite, **options)
     print(f"prepared data in {out}: train with  tensorlite-gpt train --data {out}")
     return 0
 
 
+from .clean import clean_cli_options as _clean_cli_options  # noqa: E402 (light: no numpy)
+
 PREPARE_OPTIONS = {
     "data": (str, "text file, folder or .jsonl to prepare (default: the Python standard "
                   "library's own sources)"),
-    "out": (str, f"output folder (default {DEFAULT_DATA})"),
+    "out": (str, f"output folder (default {DEFAULT_DATA}); what it holds is replaced only "
+                 "with --overwrite"),
     "tokenizer": (str, "bpe | unigram | char | byte (default bpe)"),
     "vocab_size": (int, "tokenizer vocabulary size (default 4096; byte: 256+specials)"),
     "seed": (int, "seed for the train/validation split (default 0)"),
+    "text_field": (str, "the field holding the text in .jsonl records (default text)"),
+    "character_coverage": (float, "share of the characters the bpe/unigram/char tokenizer "
+                                  "gives their own pieces, the rest as bytes (default 0.9995)"),
+    **_clean_cli_options(),  # --min-chars, --max-line-chars, ...: gpt.clean.CleanConfig
+}
+PREPARE_FLAGS = {
+    "overwrite": "replace what --out holds (a preparation of other data or options, or any "
+                 "other files)",
 }
 
 
@@ -144,27 +168,68 @@ def ensure_default_data(data: str, say=print) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .train import check_out, run_data, train
     cfg = _train_config(args)
+    cfg.validate()
+    check_out(cfg)                  # before preparing anything: the run in --out is safe
+    data_given = "data" in _merge(args, TRAIN_OPTIONS, TRAIN_FLAGS, "train")
+    if not data_given and cfg.resume and run_data(cfg.out):
+        cfg.data = run_data(cfg.out)      # --resume continues on the run's own data
     ensure_default_data(cfg.data)
     summary = train(cfg)
     if summary["interrupted"]:
         return 130
-    print(f"\ndone: step {summary['step']}, best validation loss {summary['best_val_loss']:.4f} "
+    best = summary["best_val_loss"]
+    print(f"\ndone: step {summary['step']}, best validation loss "
+          f"{'none' if best == float('inf') else f'{best:.4f}'} "
           f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
           f"loss.png in {summary['out']}")
     return 0
 
 
-def _load_run(out: str, which: str, device: str):
+def _check_device(device: str) -> None:
+    import tensorlite as tl
+    try:
+        kind = tl.backend.parse_device(device)[0]
+    except ValueError as e:
+        raise UsageError(f"--device {device!r}: {e}") from None
+    if kind == "cuda" and not tl.cuda_available():
+        raise UsageError(f"--device {device}: {tl.cuda_unavailable_reason()}; use --device cpu")
+
+
+def _pick_checkpoint(out: str, which: str | None, say) -> Path:
+    """The checkpoint folder to load: --which, or best (else latest) by default; a damaged
+    one is skipped for the other with a warning."""
+    from nn import checkpoint as ckpt
+    root = Path(out) / "ckpt"
+    order = [which, "latest" if which == "best" else "best"] if which else ["best", "latest"]
+    damaged = []
+    for name in order:
+        try:
+            ckpt.verify_checkpoint(root / name)
+        except ckpt.CheckpointNotFoundError:
+            continue
+        except ckpt.CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            say(f"warning: {damaged[0]}\nusing {root / name} instead")
+        elif which and name != which:
+            say(f"note: {out} has no ckpt/{which} yet; using ckpt/{name}")
+        return root / name
+    if damaged:
+        raise UsageError(" ".join(damaged))
+    raise UsageError(f"no checkpoint at {root}: train first (tensorlite-gpt train --out {out})")
+
+
+def _load_run(out: str, which: str | None, device: str):
     """(model, tokenizer, meta) from a run folder written by train."""
     from nn import checkpoint as ckpt
 
     from .model import GPT, GPTConfig
     from .tokenizer import load_tokenizer
-    path = Path(out) / "ckpt" / which
-    if not path.is_dir() or ckpt.latest_checkpoint(path) is None:
-        raise UsageError(f"no checkpoint at {path}: train first (tensorlite-gpt train --out {out})")
+    _check_device(device)
+    path = _pick_checkpoint(out, which, lambda m: print(m, file=sys.stderr))
     meta = ckpt.load_checkpoint(path)
     model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
     ckpt.load_checkpoint(path, model=model)
@@ -174,7 +239,19 @@ def _load_run(out: str, which: str, device: str):
 
 
 def cmd_sample(args) -> int:
+    import math
+
     import numpy as np
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    for name, v, lo in (("--num-samples", args.num_samples, 1),
+                        ("--max-new-tokens", args.max_new_tokens, 0),
+                        ("--top-k", args.top_k, 1), ("--seed", args.seed, 0)):
+        if v is not None and v < lo:
+            raise UsageError(f"{name} must be >= {lo}, got {v}")
     model, tok, _ = _load_run(args.out, args.which, args.device)
     prompt = args.prompt if args.prompt is not None else ""
     ids = tok.encode(prompt)
@@ -208,7 +285,10 @@ def cmd_eval(args) -> int:
 
     from .loader import BatchLoader
     from .prepare import load_prepared
-    from .train import evaluate
+    from .train import evaluate, json_safe
+    for name, v in (("--batch-size", args.batch_size), ("--eval-steps", args.eval_steps)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} must be >= 1, got {v}")
     model, _, meta = _load_run(args.out, args.which, args.device)
     data = args.data or meta["extra"]["train_config"]["data"]
     _, _, _, val_path = load_prepared(data)
@@ -216,8 +296,9 @@ def cmd_eval(args) -> int:
     steps = loader.steps_per_epoch if args.eval_steps is None else min(args.eval_steps,
                                                                         loader.steps_per_epoch)
     loss = evaluate(model, loader, steps)
-    print(json.dumps({"val_loss": round(loss, 5), "val_ppl": round(math.exp(min(loss, 50)), 3),
-                      "batches": steps, "checkpoint": str(Path(args.out) / "ckpt" / args.which)}))
+    print(json.dumps(json_safe({"val_loss": round(loss, 5),
+                                "val_ppl": round(math.exp(min(loss, 50)), 3),
+                                "batches": steps, "checkpoint": meta["path"]}), allow_nan=False))
     return 0
 
 
@@ -241,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():
         pp.add_argument(_opt(k), dest=k, type=t, default=None, help=h)
+    for k, h in PREPARE_FLAGS.items():
+        pp.add_argument(_opt(k), dest=k, action="store_true", help=h)
     pp.add_argument("--config", help="TOML file with options (a [prepare] table or top level)")
     pp.set_defaults(func=cmd_prepare)
 
@@ -257,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                            ("eval", "validation loss of a trained run")):
         ps = sub.add_parser(name, help=helptext)
         ps.add_argument("--out", default="runs/gpt", help="run folder (default runs/gpt)")
-        ps.add_argument("--which", default="best", choices=["best", "latest"],
-                        help="checkpoint to load (default best)")
+        ps.add_argument("--which", default=None, choices=["best", "latest"],
+                        help="checkpoint to load (default best, or latest when the run has no "
+                             "best yet; a damaged one falls back to the other with a warning)")
         ps.add_argument("--device", default="cpu")
         if name == "sample":
             ps.add_argument("--prompt", default=None, help="text to continue")
@@ -302,10 +386,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"tensorlite-gpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # user-facing errors from the layers below (a bad shape, a missing file, no GPU)
+        # the project's own error types say what the user can change; anything else is a bug
+        # and keeps its traceback
         print(f"tensorlite-gpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

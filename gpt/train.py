@@ -12,10 +12,13 @@ so a resumed run logs the same losses step for step as one that was never interr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,6 +31,7 @@ from nn import checkpoint as ckpt
 from nn.optim import AdamW, clip_grad_norm_
 from nn.schedule import warmup_cosine
 
+from .errors import DataError
 from .loader import BatchLoader
 from .model import GPT, ConfigError, GPTConfig, PRESETS
 
@@ -70,6 +74,8 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     resume: bool = False
+    overwrite: bool = False            # replace a run already in `out`
+    ckpt_minutes: float = 5.0          # also save ckpt/latest this often (0 = only by steps)
     skip_nonfinite: bool = False
     samples: int = 3
     sample_tokens: int = 120
@@ -88,11 +94,24 @@ class TrainConfig:
 
     def validate(self):
         ints = dict(batch_size=1, grad_accum=1, max_steps=1, eval_interval=1, eval_steps=1,
-                    log_interval=1)
+                    log_interval=1, ckpt_interval=1, samples=0, sample_tokens=0, seed=0)
         for k, lo in ints.items():
             v = getattr(self, k)
-            if not isinstance(v, int) or v < lo:
-                raise ConfigError(f"--{k.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+            if k == "ckpt_interval" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ConfigError(f"{_opt(k)} must be an integer >= {lo}, got {v!r}")
+        for k in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dropout",
+                  "ckpt_minutes"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{_opt(k)} must be a finite number, got {v!r}")
+        for k in ("weight_decay", "grad_clip", "ckpt_minutes"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{_opt(k)} must be >= 0 (0 turns it off), got {getattr(self, k)}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: --resume continues "
+                              "the run in --out, --overwrite replaces it; pass one")
         if self.warmup_steps is None:
             self.warmup_steps = min(50, self.max_steps // 10)
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
@@ -103,10 +122,18 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ConfigError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.dtype not in ("float32", "float64", "float16"):
-            raise ConfigError(f"--dtype must be float32, float64 or float16, got {self.dtype!r}")
-        tl.backend.parse_device(self.device)
-        if tl.backend.parse_device(self.device)[0] == "cuda" and not tl.cuda_available():
+        if self.dtype == "float16":
+            raise ConfigError("--dtype float16 is not supported for training: float16 weights and "
+                              "AdamW moments underflow and the loss diverges at the first step "
+                              "(mixed precision with float32 master weights and loss scaling is "
+                              "not built yet); use --dtype float32")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        try:
+            kind = tl.backend.parse_device(self.device)[0]
+        except ValueError as e:
+            raise ConfigError(f"--device {self.device!r}: {e}") from None
+        if kind == "cuda" and not tl.cuda_available():
             raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
                               "use --device cpu")
 
@@ -117,6 +144,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}")
         return cls(**d)
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -222,11 +253,214 @@ class _Log:
         self.f = open(path, "a")
 
     def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
+        self.f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
         self.f.flush()
 
     def close(self):
         self.f.close()
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None: JSON has no NaN or Infinity, and a file with
+    them is not JSON that other tools can read."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------ the run folder
+# What `train` writes into --out; an existing folder holding any of them holds a run.
+RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json")
+
+
+def run_status(out: str | os.PathLike) -> str | None:
+    """What the run in ``out`` has reached ("a checkpoint at step 2000 of 2000, best validation
+    loss 3.4900"), or None when ``out`` holds no run."""
+    out = Path(out)
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if not found:
+        return None
+    for which in ("latest", "best"):
+        try:
+            meta = ckpt.load_checkpoint(out / "ckpt" / which)   # meta.json only
+        except ckpt.CheckpointError:
+            continue
+        extra = meta.get("extra") or {}
+        total = (extra.get("train_config") or {}).get("max_steps")
+        best = extra.get("best_val")
+        return (f"a checkpoint at step {extra.get('step')}" + (f" of {total}" if total else "")
+                + (f", best validation loss {best:.4f}" if isinstance(best, (int, float))
+                   and math.isfinite(best) else ""))
+    steps = []
+    if (out / LOG_NAME).is_file():
+        for line in (out / LOG_NAME).read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    if steps:
+        return f"a log up to step {max(steps)} and no checkpoint"
+    return f"{', '.join(found)} and no checkpoint"
+
+
+def resumable(out: str | os.PathLike) -> bool:
+    """True when ``out`` holds a committed checkpoint (latest or best) to resume from."""
+    root = Path(out) / "ckpt"
+    for which in ("latest", "best"):
+        try:
+            if ckpt.latest_checkpoint(root / which) is not None:
+                return True
+        except ckpt.CheckpointError:
+            continue
+    return False
+
+
+def run_data(out: str | os.PathLike) -> str | None:
+    """The --data a run in ``out`` was trained on (from its checkpoint), or None."""
+    for which in ("latest", "best"):
+        try:
+            meta = ckpt.load_checkpoint(Path(out) / "ckpt" / which)   # meta.json only
+        except ckpt.CheckpointError:
+            continue
+        return ((meta.get("extra") or {}).get("train_config") or {}).get("data")
+    return None
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Every check on --out that needs no data and writes nothing: a file in the way, a folder
+    that cannot be written, a run that would be overwritten without --overwrite."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder: pass a folder for the run "
+                            "(it is created if needed)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainingError(f"--out {out}: {parent} is a file, so the folder cannot be created; "
+                            "choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {out}: no permission to write in {parent}; choose a folder "
+                            "you can write")
+    status = run_status(out) if out.is_dir() else None
+    if status is None or cfg.overwrite:
+        return
+    if cfg.resume:
+        if not resumable(out):
+            raise TrainingError(f"--resume: {out} holds {status}: there is nothing to resume "
+                                "from; pass --overwrite to start that run again, or another --out")
+        return
+    raise TrainingError(f"{out} already holds a run ({status}): pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out")
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError while writing the run (permissions, a full disk) is the user's to fix: say
+    where, and stop; checkpoints already committed stay valid."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingError(f"could not write {getattr(e, 'filename', None) or path}: "
+                            f"{e.strerror or e}; free some space or choose another --out") from None
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, where the state is
+    whole, so the checkpoint taken there resumes exactly; a second Ctrl-C stops at once,
+    without saving (the last checkpoint stays). Only the main thread receives signals."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+        return False
+
+
+class _Peak:
+    """The matrix-product FLOP/s that MFU is measured against. A peak measured while another
+    process held a core is too low and gives an MFU above 100 %: so it is the best of several
+    measurements, refreshed at each evaluation and whenever an MFU above 1 appears; what is
+    still above 1 after that is logged as 1.0 with ``"mfu_capped": true``."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.flops = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.flops = max(self.flops, measure_gemm_peak(self.device))
+
+    def mfu(self, flops_per_s: float) -> tuple[float, bool]:
+        if flops_per_s > self.flops:
+            self.refresh()
+        mfu = flops_per_s / self.flops
+        return min(mfu, 1.0), mfu > 1.0
+
+
+def estimate_memory(model_cfg: GPTConfig, batch_size: int, dtype: str = "float32") -> int:
+    """Bytes one training step needs at its peak: weights, gradients and AdamW's two moments
+    (4 copies of N parameters), the activations backward keeps (~24 (B, T, C) arrays and the
+    (B, H, T, T) attention probabilities per layer) and the logits with their gradient (2 x
+    (B, T, V)). Fitted to tracemalloc's peak on the CPU within ~10 % over (B, T, C, L, H, V)
+    grids (tests/test_gpt_train.py holds it to that)."""
+    c = model_cfg
+    item = np.dtype(dtype).itemsize
+    b, t = batch_size, c.block_size
+    n_params = (c.vocab_size * c.d_model * (1 if c.tie_weights else 2)
+                + (c.block_size * c.d_model if c.positional == "learned" else 0)
+                + c.n_layer * (12 * c.d_model ** 2 + 13 * c.d_model) + 2 * c.d_model)
+    acts = c.n_layer * (24 * b * t * c.d_model + b * c.n_head * t * t)
+    return int(item * (4 * n_params + acts + 2 * b * t * c.vocab_size))
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes the process can still allocate without swapping (None when unknown)."""
+    if tl.backend.parse_device(device)[0] == "cuda":  # pragma: no cover - GPU only
+        free, _ = tl.backend.array_module(device).cuda.Device(
+            tl.backend.parse_device(device)[1]).mem_info
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model_cfg: GPTConfig, cfg: TrainConfig) -> None:
+    need = estimate_memory(model_cfg, cfg.batch_size, cfg.dtype)
+    have = available_memory(cfg.device)
+    if have is not None and need > have:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"this configuration needs about {need / gib:.1f} GiB for a training step (batch "
+            f"{cfg.batch_size}, block {model_cfg.block_size}, {model_cfg.n_layer} layers, "
+            f"{model_cfg.n_head} heads, {model_cfg.d_model} wide, vocab {model_cfg.vocab_size}) "
+            f"but {cfg.device} has {have / gib:.1f} GiB available; lower --batch-size (use "
+            f"--grad-accum for the same batch) or --block-size")
 
 
 # ------------------------------------------------------------------------------ training
@@ -234,11 +468,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, say=print):
         from .prepare import load_prepared
         cfg.validate()
+        check_out(cfg)
         self.cfg, self.say = cfg, say
         self.out = Path(cfg.out)
         self.meta, self.tokenizer, train_path, val_path = load_prepared(cfg.data)
         vocab = self.tokenizer.vocab_size
         self.model_cfg = cfg.model_config(vocab)
+        check_memory(self.model_cfg, cfg)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
         self.opt = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
@@ -250,6 +486,9 @@ class Trainer:
         self.step = 0
         self.best_val = float("inf")
         self.baseline = None
+        self.last_ckpt: Path | None = None     # this run's newest checkpoint
+        # --resume: everything is read and checked here, before run() writes anything
+        self.resumed_from = self._resume() if cfg.resume else None
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -260,63 +499,128 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         path = self.out / "ckpt" / name
-        ckpt.save_checkpoint(path, model=self.model, optimizer=self.opt,
-                             config=self.model_cfg.to_dict(), extra=self._state())
+        with _writing(path):
+            ckpt.save_checkpoint(path, model=self.model, optimizer=self.opt,
+                                 config=self.model_cfg.to_dict(), extra=json_safe(self._state()))
+        if name == "latest":
+            self.last_ckpt = path
         return path
 
-    def try_resume(self) -> bool:
-        path = self.out / "ckpt" / "latest"
-        if ckpt.latest_checkpoint(path) is None:
-            return False
-        meta = ckpt.load_checkpoint(path)  # meta only: nothing loaded yet
+    def _resume(self) -> Path | None:
+        """Load the checkpoint to continue from: ckpt/latest, or ckpt/best (with a warning)
+        when latest is damaged. None when --out holds no run yet."""
+        root, damaged = self.out / "ckpt", []
+        for which in ("latest", "best"):
+            path = root / which
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointNotFoundError:
+                continue
+            except ckpt.CheckpointError as e:
+                damaged.append(str(e))
+                continue
+            meta = ckpt.load_checkpoint(path)           # meta only: nothing loaded yet
+            self._check_same_run(path, meta)
+            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
+            extra = meta["extra"]
+            try:
+                self.train_loader.load_state_dict(extra["loader"])
+            except DataError as e:
+                raise ConfigError(f"--resume: {e}") from None
+            self.step = int(extra["step"])
+            best = extra.get("best_val")
+            self.best_val = float("inf") if best is None else float(best)
+            tl.default_generator.set_state(extra["rng"])
+            if damaged:
+                self.say(f"warning: {damaged[0]}\nresuming from {path} (step {self.step}) instead")
+            self.last_ckpt = path
+            return path
+        if damaged:
+            raise TrainingError("--resume: " + " ".join(damaged))
+        self.say(f"--resume: no checkpoint in {root}; starting fresh")
+        return None
+
+    def _check_same_run(self, path: Path, meta: dict) -> None:
         saved_cfg = GPTConfig.from_dict(meta["config"])
+        extra = meta.get("extra") or {}
+        saved = extra.get("data_meta") or {}
+        keys = ("corpus", "options", "tokenizer", "vocab_size", "train", "val")
+        differ = [k for k in keys if saved.get(k) != self.meta.get(k)]
+        if differ:
+            was = (extra.get("train_config") or {}).get("data")
+            raise ConfigError(f"--resume: the run in {self.out} was trained on the data prepared "
+                              f"in {was}, but --data {self.cfg.data} holds other data (its "
+                              f"{', '.join(differ)} differ); pass --data {was}, or train into "
+                              "another --out")
         if saved_cfg != self.model_cfg:
             raise ConfigError(f"--resume: the checkpoint in {path} is for a different model "
                               f"({_diff(saved_cfg.to_dict(), self.model_cfg.to_dict())}); use the "
                               "same options or another --out")
-        meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
-        extra = meta["extra"]
-        self.step, self.best_val = int(extra["step"]), float(extra["best_val"])
-        self.train_loader.load_state_dict(extra["loader"])
-        tl.default_generator.set_state(extra["rng"])
-        return True
 
-    # -- the loop ------------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches -> (loss, grad norm)."""
+    # -- one step ----------------------------------------------------------------------------
+    # A step is three parts, each replaceable on its own: forward_backward (the micro-batches),
+    # clip (the global gradient norm) and optimizer_step.
+    def forward_backward(self) -> float:
+        """Sum the gradients of grad_accum micro-batches; the mean loss over them."""
         cfg, model = self.cfg, self.model
-        lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
         total = 0.0
         for _ in range(cfg.grad_accum):
             x, y = self.train_loader.next_batch()
             _, loss = model(tl.tensor(x, device=cfg.device), tl.tensor(y, device=cfg.device))
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
-        if not math.isfinite(total):
-            self.opt.zero_grad()
-            return total, float("nan")
-        norm = clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+        return total
+
+    def clip(self) -> float:
+        cfg = self.cfg
+        return clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+
+    def optimizer_step(self) -> None:
         self.opt.step()
         self.opt.zero_grad()
-        return total, norm
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches -> (loss, grad norm)."""
+        cfg = self.cfg
+        lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss = self.forward_backward()
+        if not math.isfinite(loss):
+            self.opt.zero_grad()
+            return loss, float("nan")
+        norm = self.clip()
+        self.optimizer_step()
+        return loss, norm
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _start_writing(self) -> None:
+        """The first writes of the run: every check has passed."""
+        cfg = self.cfg
+        from .tokenizer import tokenizer_filename
+        with _writing(self.out):
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    path = self.out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    elif path.exists() or path.is_symlink():
+                        path.unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
+            tok_file = self.out / tokenizer_filename(self.tokenizer.kind)
+            if self.resumed_from is None or not tok_file.exists():
+                self.tokenizer.save(tok_file)   # for sample
+            return _Log(self.out / LOG_NAME, self.step if self.resumed_from else None)
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        from .tokenizer import tokenizer_filename
-        self.tokenizer.save(self.out / tokenizer_filename(self.tokenizer.kind))  # for sample
-        resumed = cfg.resume and self.try_resume()
-        if cfg.resume and not resumed:
-            self.say(f"--resume: no checkpoint in {self.out / 'ckpt' / 'latest'}; starting fresh")
-        log = _Log(self.out / LOG_NAME, self.step if resumed else None)
+        resumed = self.resumed_from is not None
+        log = self._start_writing()
         self.baseline = unigram_baseline(np.asarray(self.train_loader._tokens()),
                                          np.asarray(self.val_loader._tokens()),
                                          self.tokenizer.vocab_size)
-        peak = measure_gemm_peak(cfg.device)
+        peak = _Peak(cfg.device)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
-        flops_per_step = self.model.flops_per_token() * tokens_per_step
         self.say(f"model: {self.model.num_parameters():,} parameters "
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
@@ -327,44 +631,60 @@ class Trainer:
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
         kill_at = int(os.environ.get("TENSORLITE_TEST_KILL_AT_STEP", "-1"))  # tests: SIGKILL here
         t_last, window_tokens = time.perf_counter(), 0
+        last_save = time.monotonic()
         try:
-            while self.step < cfg.max_steps:
-                if self.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                loss, norm = self.train_step()
-                if not math.isfinite(loss):
-                    if not cfg.skip_nonfinite:
-                        stopped = (f"non-finite loss ({loss}) at step {self.step}: stopping; the last "
-                                   f"good checkpoint is in {self.out / 'ckpt' / 'latest'} (lower "
-                                   "--lr, or pass --skip-nonfinite to skip such steps)")
+            with _Interrupts() as ctrl_c:
+                while self.step < cfg.max_steps:
+                    if self.step == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    loss, norm = self.train_step()
+                    if not math.isfinite(loss):
+                        if not cfg.skip_nonfinite:
+                            stopped = self._nonfinite_message(loss)
+                            break
+                        log.write({"step": self.step, "skipped": True, "loss": None})
+                    self.step += 1
+                    window_tokens += tokens_per_step
+                    lr = self.opt.param_groups[0]["lr"]
+                    if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                        now = time.perf_counter()
+                        tps = window_tokens / max(now - t_last, 1e-9)
+                        mfu, capped = peak.mfu(tps * self.model.flops_per_token())
+                        t_last, window_tokens = time.perf_counter(), 0
+                        if math.isfinite(loss):
+                            rec = {"step": self.step - 1, "loss": round(loss, 6), "lr": lr,
+                                   "grad_norm": round(norm, 5), "tokens_per_s": round(tps, 1),
+                                   "mfu": round(mfu, 4)}
+                            log.write({**rec, "mfu_capped": True} if capped else rec)
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
+                                        mfu=f"{100 * mfu:.0f}%")
+                    bar.update(1)
+                    evaluated = saved = False
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                        self._evaluate(log)
+                        peak.refresh()
+                        evaluated = True
+                    if (self.step % ckpt_every == 0 or self.step == cfg.max_steps or (
+                            cfg.ckpt_minutes and time.monotonic() - last_save
+                            >= 60 * cfg.ckpt_minutes)):
+                        self.save("latest")
+                        last_save, saved = time.monotonic(), True
+                    if ctrl_c.requested and self.step < cfg.max_steps:
+                        interrupted = True
+                        if not saved:
+                            self.save("latest")
+                        self.say(f"\ninterrupted: saved step {self.step} to "
+                                 f"{self.out / 'ckpt' / 'latest'}; continue with --resume")
                         break
-                    log.write({"step": self.step, "skipped": True, "loss": None})
-                self.step += 1
-                window_tokens += tokens_per_step
-                lr = self.opt.param_groups[0]["lr"]
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - t_last, 1e-9)
-                    mfu = tps * self.model.flops_per_token() / peak
-                    t_last, window_tokens = now, 0
-                    if math.isfinite(loss):
-                        log.write({"step": self.step - 1, "loss": round(loss, 6),
-                                   "lr": lr, "grad_norm": round(norm, 5),
-                                   "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4)})
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
-                                    mfu=f"{100 * mfu:.0f}%")
-                bar.update(1)
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                    self._evaluate(log)
-                if self.step % ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save("latest")
-                if self.step % cfg.eval_interval == 0 or self.step % ckpt_every == 0:
-                    t_last, window_tokens = time.perf_counter(), 0  # tokens/s of training only
+                    if evaluated or saved:
+                        t_last, window_tokens = time.perf_counter(), 0  # tokens/s of training only
         except KeyboardInterrupt:
+            # a second Ctrl-C (or one outside the main thread): the step was cut short, so its
+            # state is not saved; the last checkpoint is a whole step
             interrupted = True
-            self.save("latest")
-            self.say(f"\ninterrupted: saved step {self.step} to {self.out / 'ckpt' / 'latest'}; "
-                     "continue with --resume")
+            self.say("\nstopped without saving: " + (
+                f"the last checkpoint is {self.last_ckpt}; continue from it with --resume"
+                if self.last_ckpt else "no checkpoint of this run exists yet"))
         finally:
             bar.close()
             log.close()
@@ -373,8 +693,15 @@ class Trainer:
         summary = {"step": self.step, "best_val_loss": self.best_val,
                    "unigram_baseline": self.baseline, "interrupted": interrupted,
                    "out": str(self.out)}
-        _atomic_json(self.out / "summary.json", summary)
+        with _writing(self.out / "summary.json"):
+            _atomic_json(self.out / "summary.json", json_safe(summary))
         return summary
+
+    def _nonfinite_message(self, loss: float) -> str:
+        where = (f"the last good checkpoint of this run is {self.last_ckpt}" if self.last_ckpt
+                 else "no checkpoint of this run exists yet")
+        return (f"non-finite loss ({loss}) at step {self.step}: stopping; {where} (lower --lr, "
+                "or pass --skip-nonfinite to skip such steps)")
 
     def _evaluate(self, log: _Log) -> None:
         val = evaluate(self.model, self.val_loader, self.eval_steps)
@@ -383,7 +710,8 @@ class Trainer:
         if val < self.best_val:
             self.best_val = val
             self.save("best")
-        plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
+        with _writing(self.out / "loss.png"):
+            plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
         self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
                  f"{math.exp(min(val, 50)):.1f}; unigram baseline {self.baseline:.3f})")
 
