@@ -105,14 +105,40 @@ def test_embedding_layer(rng):
 
 
 @pytest.mark.parametrize("layer", [nn.LayerNorm(6), nn.RMSNorm(6), nn.LayerNorm(6, bias=False),
-                                   nn.GELU(), nn.GELU("tanh"), nn.ReLU(), nn.SiLU(),
-                                   nn.Dropout(0.3, generator=tl.Generator(2))])
+                                   nn.LayerNorm(6, elementwise_affine=False),
+                                   nn.RMSNorm(6, elementwise_affine=False),
+                                   nn.GELU(), nn.GELU("tanh"), nn.ReLU(), nn.SiLU()],
+                         ids=["layernorm", "rmsnorm", "layernorm-nobias", "layernorm-noaffine",
+                              "rmsnorm-noweight", "gelu", "gelu-tanh", "relu", "silu"])
 def test_elementwise_layers(rng, layer):
-    if isinstance(layer, nn.Dropout):
-        # a fixed seed per call, so every evaluation drops the same elements
-        params_check(layer, (3, 6), rng, fn=lambda x: F.dropout(x, 0.3, True, tl.Generator(2)))
-    else:
-        params_check(layer, (2, 3, 6), rng)
+    params_check(layer, (2, 3, 6), rng)
+
+
+def test_rmsnorm_without_weight_has_no_parameters(rng):
+    norm = nn.RMSNorm(6, elementwise_affine=False)
+    assert list(norm.parameters()) == [] and norm.weight is None
+    params_check(norm, (4, 6), rng)
+
+
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_dropout_module_with_fixed_mask_is_gradient_checked(rng, own_generator):
+    # the module itself (not F.dropout): its mask comes from its generator, or from the global
+    # one; re-seeding it before each evaluation makes every evaluation drop the same elements
+    drop = nn.Dropout(0.3, generator=tl.Generator(2) if own_generator else None)
+
+    def f(x):
+        if own_generator:
+            drop.generator.manual_seed(2)
+        else:
+            tl.manual_seed(2)
+        return drop(x)
+    x = tl.tensor(rng.standard_normal((5, 6)), requires_grad=True)
+    y = f(x).numpy()
+    np.testing.assert_array_equal(y, f(x).numpy())
+    assert 0 < (y == 0).sum() < y.size                    # some dropped, not all
+    assert tl.gradcheck(f, [x])
+    drop.eval()
+    assert drop(x) is x
 
 
 def test_norm_layers_have_paper_statistics(rng):
@@ -149,6 +175,17 @@ def test_mha_attn_mask(rng):
     mask = np.ones((4, 4), bool)
     mask[:, 3] = False
     params_check(mha, (1, 4, 8), rng, fn=lambda x: mha(x, attn_mask=tl.tensor(mask)))
+
+
+@pytest.mark.parametrize("causal,rotary", [(False, False), (True, True)])
+def test_mha_additive_float_mask_is_gradient_checked(rng, causal, rotary):
+    mha = nn.MultiHeadAttention(8, 2, causal=causal,
+                                rotary=nn.RotaryEmbedding(4, 8) if rotary else None).double()
+    bias = rng.standard_normal((1, 2, 4, 4))   # one additive bias per head and (query, key)
+    bias[0, 1, 2, 0] = -np.inf
+    x = tl.tensor(rng.standard_normal((2, 4, 8)))
+    assert not np.allclose(mha(x).numpy(), mha(x, attn_mask=bias).numpy())
+    params_check(mha, (2, 4, 8), rng, fn=lambda x: mha(x, attn_mask=bias))
 
 
 @pytest.mark.parametrize("rotary", [False, True])
@@ -197,16 +234,26 @@ def test_feedforward_and_blocks(rng):
                                      rotary=nn.RotaryEmbedding(4, 8)), (1, 4, 8), rng)
 
 
-def test_block_dropout_is_seeded_and_gradient_checked(rng):
-    blk = nn.TransformerBlock(8, 2, dropout=0.2).double()
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_dropout_is_seeded_and_gradient_checked(rng, norm_first):
+    # element by element, every parameter: dropout on the attention weights, after the
+    # attention projection and after the MLP, the same masks in every evaluation
+    blk = nn.TransformerBlock(8, 2, d_ff=8, dropout=0.2, norm_first=norm_first).double()
+    with tl.no_grad():  # norm weights away from 1 and biases away from 0
+        for p in blk.parameters():
+            p.data[...] += rng.standard_normal(p.shape) * 0.3
     x = tl.tensor(rng.standard_normal((1, 4, 8)), requires_grad=True)
 
     def f(x, *ps):
         tl.manual_seed(123)  # the same dropout masks on every evaluation
         return blk(x)
-    assert tl.gradcheck_directional(f, [x] + list(blk.parameters()), n_directions=3)
+    np.testing.assert_array_equal(f(x).numpy(), f(x).numpy())
+    assert tl.gradcheck(f, [x] + list(blk.parameters()))
     blk.eval()
-    np.testing.assert_array_equal(blk(x).numpy(), blk(x).numpy())
+    y = blk(x).numpy()
+    np.testing.assert_array_equal(y, blk(x).numpy())
+    blk.train()
+    assert not np.allclose(y, f(x).numpy())              # the masks do drop something
 
 
 def test_post_ln_and_pre_ln_follow_their_formulas(rng):
