@@ -36,6 +36,10 @@ Second stage of the data pipeline. Two steps per document:
    in latin-1 or KOI8-R, and keep ordinary code. Prose with one paragraph per line
    may need a larger ``max_line_chars`` (or ``None``).
 
+   Every threshold is also a ``tensorlite-gpt prepare`` flag, spelt with dashes
+   (``--min-chars 8``, ``--max-line-chars none``), and a key of the ``[prepare]`` table
+   of ``--config`` (``min_chars = 8``; ``"none"`` or ``false`` disables the filter).
+
 `clean_documents` returns the kept documents and a `CleanReport` with counts (and a few
 example sources) per reason, so the prepare report says exactly what was dropped.
 """
@@ -43,6 +47,7 @@ example sources) per reason, so the prepare report says exactly what was dropped
 from __future__ import annotations
 
 import re
+import typing
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -62,25 +67,36 @@ _MAX_EXAMPLES = 5
 FILTER_ORDER = ("too_short", "too_long", "bad_encoding", "low_alnum", "long_line", "repeated_lines")
 
 
+def _threshold(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class CleanConfig:
-    """Thresholds of the quality filters (``None`` disables a filter)."""
+    """Thresholds of the quality filters (``None`` disables a filter).
 
-    min_chars: int | None = 32
-    max_chars: int | None = 2_000_000
-    max_replacement_fraction: float | None = 0.001
-    min_alnum_fraction: float | None = 0.25
-    max_line_chars: int | None = 1000
-    max_repeated_line_fraction: float | None = 0.7
+    Each field is also a ``prepare`` option: a command-line flag (``--min-chars``) and a
+    key of the ``[prepare]`` table of ``--config``, both derived from these fields (see
+    `CLEAN_OPTIONS`, `parse_threshold`); the metadata ``help`` is the flag's help."""
+
+    min_chars: int | None = _threshold(32, "drop documents with fewer characters")
+    max_chars: int | None = _threshold(2_000_000, "drop documents with more characters")
+    max_replacement_fraction: float | None = _threshold(
+        0.001, "drop documents where a larger share of the characters are U+FFFD (non-UTF-8 bytes)")
+    min_alnum_fraction: float | None = _threshold(
+        0.25, "drop documents where a smaller share of the non-whitespace characters are letters or digits")
+    max_line_chars: int | None = _threshold(1000, "drop documents with a longer line (raise it for prose)")
+    max_repeated_line_fraction: float | None = _threshold(
+        0.7, "drop documents where a larger share of the characters sit in repeated lines")
 
     def __post_init__(self):
-        for name in ("min_chars", "max_chars", "max_line_chars"):
+        for name, kind in THRESHOLD_KINDS.items():
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            if v is None:
+                continue
+            if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise DataError(f"clean option {name}={v!r} must be a non-negative integer or None")
-        for name in ("max_replacement_fraction", "min_alnum_fraction", "max_repeated_line_fraction"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+            if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
                 raise DataError(f"clean option {name}={v!r} must be a fraction in [0, 1] or None")
         if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
             raise DataError(
@@ -93,6 +109,16 @@ class CleanConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _kind(annotation) -> type:
+    """int or float: the non-None member of a field's ``X | None`` annotation."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return kinds[0]
+
+
+# name -> int or float, from the annotations (the one place the thresholds are declared)
+THRESHOLD_KINDS: dict[str, type] = {name: _kind(a) for name, a in typing.get_type_hints(CleanConfig).items()}
 
 
 @dataclass
@@ -209,3 +235,48 @@ def clean_documents(
 
 # The option names, so callers (prepare, the CLI) can split a flat option dict.
 CLEAN_OPTIONS = tuple(f.name for f in fields(CleanConfig))
+
+# The threshold each filter applies (its reason in the report -> the CleanConfig field).
+THRESHOLD_OF_REASON = dict(zip(FILTER_ORDER, (
+    "min_chars", "max_chars", "max_replacement_fraction", "min_alnum_fraction", "max_line_chars",
+    "max_repeated_line_fraction",
+)))
+assert set(THRESHOLD_OF_REASON.values()) == set(CLEAN_OPTIONS)
+
+_DISABLED = ("none", "off")
+
+
+def parse_threshold(name: str, value):
+    """A threshold as written on the command line or in a TOML file: ``"none"`` / ``"off"``
+    (or TOML ``false``) disables the filter, a number string is converted to the field's
+    type; anything else is returned as is for `CleanConfig` to check."""
+    if value is False:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _DISABLED:
+            return None
+        try:
+            return THRESHOLD_KINDS[name](text)
+        except ValueError:
+            what = "an integer" if THRESHOLD_KINDS[name] is int else "a fraction in [0, 1]"
+            raise DataError(f"clean option {name}={value!r} must be {what} or none") from None
+    return value
+
+
+def clean_cli_options() -> dict:
+    """``{field name: (argparse type, help)}`` for every `CleanConfig` field (the CLI's
+    prepare flags ``--min-chars`` etc.)."""
+    specs = {}
+    for f in fields(CleanConfig):
+        kind = THRESHOLD_KINDS[f.name]
+
+        def parse(text, name=f.name):
+            value = parse_threshold(name, text)
+            # "none" stays a string: the CLI reads an option's None as "not given"; prepare
+            # turns it into None (`parse_threshold` again, in gpt.prepare.options_from_flat)
+            return "none" if value is None else value
+
+        parse.__name__ = "integer (or none)" if kind is int else "fraction (or none)"
+        specs[f.name] = (parse, f"clean filter: {f.metadata['help']} (default {f.default}; none disables it)")
+    return specs

@@ -167,11 +167,28 @@ def _decode(data: bytes, errors: str) -> tuple[str | None, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def _read_jsonl(data: bytes, key: str, text_field: str, errors: str, report: CorpusReport) -> list[Document]:
+def _json_kind(obj) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(obj), "number")
+
+
+def _read_jsonl(
+    data: bytes, key: str, text_field: str, errors: str, report: CorpusReport, path: str | None = None
+) -> list[Document]:
+    """One document per line holding a JSON object with a string in ``text_field``.
+
+    Bad lines are counted and skipped, but a file that yields *no* document although it
+    has records is a `DataError` naming the file, the first offending line and how to
+    fix it (a wrong ``text_field`` or a file that is not JSON Lines would otherwise
+    vanish from the corpus with only a counter to show for it)."""
     docs: list[Document] = []
+    missing: tuple[int, object] | None = None  # (line, first object without a string text_field)
+    bad_json: tuple[int, str] | None = None  # (line, why it is not a JSON object)
+    records = 0
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
+        records += 1
         source = f"{key}:{lineno}"
         line, bad = _decode(raw, errors)
         if line is None:
@@ -179,19 +196,44 @@ def _read_jsonl(data: bytes, key: str, text_field: str, errors: str, report: Cor
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             report.note("jsonl_bad_lines", source)
+            bad_json = bad_json or (lineno, f"is not valid JSON ({exc.msg} at column {exc.colno})")
             continue
         if not isinstance(obj, dict):
             report.note("jsonl_bad_lines", source)
+            bad_json = bad_json or (lineno, f"is a JSON {_json_kind(obj)}, not an object")
             continue
         text = obj.get(text_field)
         if not isinstance(text, str):
             report.note("jsonl_missing_field", source)
+            missing = missing or (lineno, obj)
             continue
         if bad:
             report.note("non_utf8_replaced", source)
         docs.append(Document(source, text))
+    if docs or not records:
+        return docs
+    name = path or key
+    if missing is not None:
+        lineno, obj = missing
+        keys = list(obj)
+        if text_field in obj:
+            found = f"line {lineno} has {text_field!r} as a JSON {_json_kind(obj[text_field])}, not a string"
+        else:
+            found = f"line {lineno} has the keys {keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        strings = [k for k in keys if isinstance(obj[k], str) and k != text_field]
+        guess = max(strings, key=lambda k: len(obj[k])) if strings else "NAME"
+        raise DataError(
+            f"{name}: no JSON record has a string in the field {text_field!r} ({found}): name the field that "
+            f"holds the text with --text-field {guess} (text_field in --config or in Python)"
+        )
+    if bad_json is not None:
+        lineno, why = bad_json
+        raise DataError(
+            f"{name} line {lineno} {why}, and no line of it gave a document: a .jsonl file needs one JSON object "
+            f"per line (like {{{json.dumps(text_field)}: \"...\"}}); fix the file, or rename it to read it as plain text"
+        )
     return docs
 
 
@@ -203,6 +245,23 @@ def _fingerprint(entries: list[tuple[str, str]], n_bytes: int) -> dict:
         digest.update(content_hash.encode("ascii"))
         digest.update(b"\n")
     return {"files": len(entries), "bytes": n_bytes, "sha256": digest.hexdigest()}
+
+
+def check_data_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The data paths as a list of `Path`; a `DataFileNotFoundError` for one that does not
+    exist (checked up front so prepare fails before it touches its output folder)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if len(paths) == 0:
+        raise DataError("no data paths given: pass at least one file or directory (or None for the default corpus)")
+    roots = [Path(p) for p in paths]
+    for root in roots:
+        if not root.exists():
+            raise DataFileNotFoundError(
+                f"data path '{root}' does not exist: pass an existing file or directory "
+                f"(or leave the data path out to use the default stdlib corpus)"
+            )
+    return roots
 
 
 def _resolve_roots(
@@ -221,19 +280,10 @@ def _resolve_roots(
         site = [Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")]
         files = iter_directory(root, inc, exc, skip_dirs=site + skip_dirs)
         return [(root, root.name, [(p, f"{root.name}/{rel}") for p, rel in files])]
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if len(paths) == 0:
-        raise DataError("no data paths given: pass at least one file or directory (or None for the default corpus)")
+    paths = check_data_paths(paths)
     exc = DEFAULT_EXCLUDE if exclude is None else exclude
     roots = []
-    for p in paths:
-        root = Path(p)
-        if not root.exists():
-            raise DataFileNotFoundError(
-                f"data path '{root}' does not exist: pass an existing file or directory "
-                f"(or leave the data path out to use the default stdlib corpus)"
-            )
+    for root in paths:
         if root.is_dir():
             label = root.resolve().name or "root"
             files = iter_directory(root, include, exc, skip_dirs=skip_dirs)
@@ -287,40 +337,45 @@ def read_corpus(
     report.files_matched = len(files)
     if not files:
         raise DataError(
-            f"no files found in {report.roots} with include={list(include) if include else None} "
-            f"exclude={list(exclude) if exclude is not None else 'default'}: check the path and the glob patterns"
+            f"no files found in {report.roots} with include={list(include) if include else None} and "
+            f"exclude={list(exclude) if exclude is not None else 'default (hidden files and folders, Python caches)'}: "
+            f"check the path, and the glob patterns if you passed include or exclude"
         )
 
     documents: list[Document] = []
     entries: list[tuple[str, str]] = []  # (key, sha256 of content) for the fingerprint
     bar = _progress(files, progress, "read corpus", unit="file")
-    for i, (path, key) in enumerate(bar):
-        if (max_files is not None and report.files_read >= max_files) or (
-            max_bytes is not None and report.bytes_read >= max_bytes
-        ):
-            report.skipped_by_limit = len(files) - i
-            break
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
-            continue
-        report.files_read += 1
-        report.bytes_read += len(data)
-        entries.append((key, hashlib.sha256(data).hexdigest()))
-        if b"\0" in data[:_BINARY_SNIFF_BYTES]:
-            report.note("skipped_binary", key)
-            continue
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            documents.extend(_read_jsonl(data, key, text_field, errors, report))
-            continue
-        text, bad = _decode(data, errors)
-        if text is None:
-            report.note("non_utf8_skipped", key)
-            continue
-        if bad:
-            report.note("non_utf8_replaced", key)
-        documents.append(Document(key, text))
+    try:  # the bar is cleared even when a file stops the run (the error is one clean line)
+        for i, (path, key) in enumerate(bar):
+            if (max_files is not None and report.files_read >= max_files) or (
+                max_bytes is not None and report.bytes_read >= max_bytes
+            ):
+                report.skipped_by_limit = len(files) - i
+                break
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
+                continue
+            report.files_read += 1
+            report.bytes_read += len(data)
+            entries.append((key, hashlib.sha256(data).hexdigest()))
+            if b"\0" in data[:_BINARY_SNIFF_BYTES]:
+                report.note("skipped_binary", key)
+                continue
+            if path.suffix.lower() in JSONL_SUFFIXES:
+                documents.extend(_read_jsonl(data, key, text_field, errors, report, str(path)))
+                continue
+            text, bad = _decode(data, errors)
+            if text is None:
+                report.note("non_utf8_skipped", key)
+                continue
+            if bad:
+                report.note("non_utf8_replaced", key)
+            documents.append(Document(key, text))
+    finally:
+        if bar is not files:
+            bar.close()
 
     report.documents = len(documents)
     report.chars = sum(len(d.text) for d in documents)

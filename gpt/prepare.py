@@ -10,9 +10,17 @@ shards) and writes into ``out_dir``::
     meta.json         vocab size, tokenizer kind, token counts, corpus fingerprint,
                       the options, the folder format version
 
-Every file is written atomically, and meta.json is removed first and written last, so
-*a folder with meta.json is a complete one*: a crash mid-way leaves a folder that
-`load_prepared` reports as not prepared rather than a mix of old and new files.
+The new folder is written beside ``out_dir`` (hidden, ``.<name>.partial-*``) and renamed
+into place only when complete, so *a folder with meta.json is a complete one*: a crash or
+an error mid-way leaves the previous content as it was (and no half-written folder).
+
+``out_dir`` is sacred when it holds something else: `check_out_dir` refuses, before
+anything is read or written, a file, a non-empty folder that is not a prepared one (the
+user's files), and a preparation of other data or with other options (naming its data,
+tokenizer and vocab size and what differs), unless ``overwrite=True`` (``--overwrite``).
+A preparation of the same data with the same options is prepared again in place (its
+input may have changed); the CLI first asks `is_prepared` and does nothing when the
+folder is already up to date.
 
 The split is by document and happens before the tokenizer is trained, so the tokenizer
 never sees validation text. A corpus of a single document (one big text file) is split
@@ -32,14 +40,19 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import secrets
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from gpt.clean import CleanConfig, clean_documents
-from gpt.corpus import Document, corpus_fingerprint, read_corpus
+from nn.checkpoint import fsync_path
+
+from gpt.clean import CLEAN_OPTIONS, THRESHOLD_OF_REASON, CleanConfig, clean_documents, parse_threshold
+from gpt.corpus import Document, check_data_paths, corpus_fingerprint, default_corpus_root, read_corpus
 from gpt.dedup import DedupConfig, deduplicate
 from gpt.errors import DataError, DataFileNotFoundError
 from gpt.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
@@ -143,17 +156,19 @@ def _write_split(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(docs), desc=desc, unit="doc", leave=False)
-    with ShardWriter(path, tok.vocab_size) as writer:
-        for lo in range(0, len(docs), _ENCODE_CHUNK):
-            texts = [d.text for d in docs[lo : lo + _ENCODE_CHUNK]]
-            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-            for ids in _encode_arrays(tok, texts):
-                writer.write(ids)
-                writer.write(eos)
-            if bar is not None:
-                bar.update(len(texts))
-    if bar is not None:
-        bar.close()
+    try:
+        with ShardWriter(path, tok.vocab_size) as writer:
+            for lo in range(0, len(docs), _ENCODE_CHUNK):
+                texts = [d.text for d in docs[lo : lo + _ENCODE_CHUNK]]
+                n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+                for ids in _encode_arrays(tok, texts):
+                    writer.write(ids)
+                    writer.write(eos)
+                if bar is not None:
+                    bar.update(len(texts))
+    finally:  # cleared even on an error, so the CLI's error stays one clean line
+        if bar is not None:
+            bar.close()
     return writer.count, n_bytes
 
 
@@ -163,9 +178,13 @@ def format_report(report: dict) -> str:
     dropped = ", ".join(f"{k}={v}" for k, v in cl["dropped"].items() if v) or "none"
     skipped = {k: c[k] for k in ("skipped_binary", "skipped_unreadable", "skipped_by_limit", "non_utf8_skipped",
                                  "jsonl_bad_lines", "jsonl_missing_field") if c[k]}
+    # name the first few skipped JSONL lines (file:line), so a bad line can be found
+    where = [f"{k} e.g. {', '.join(c['examples'][k][:3])}" for k in ("jsonl_bad_lines", "jsonl_missing_field")
+             if c[k] and c.get("examples", {}).get(k)]
     lines = [
         f"corpus : {c['files_read']} files, {c['bytes_read'] / 1e6:.1f} MB -> {c['documents']} documents"
         + (f" (skipped {skipped})" if skipped else "")
+        + (f" ({'; '.join(where)})" if where else "")
         + (f", {c['non_utf8_replaced']} with non-UTF-8 bytes replaced" if c["non_utf8_replaced"] else ""),
         f"clean  : kept {cl['documents_out']}/{cl['documents_in']} (dropped: {dropped})",
         f"dedup  : kept {d['documents_out']}/{d['documents_in']} (exact duplicates {d['exact_removed']}, "
@@ -200,6 +219,7 @@ def prepare(
     clean: CleanConfig | dict | None = None,
     dedup: DedupConfig | dict | None = None,
     tokenizer_options: dict | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Prepare a data folder; returns the metadata (the content of meta.json).
@@ -209,8 +229,12 @@ def prepare(
             (the Python standard library's ``.py`` sources). See `gpt.corpus.read_corpus`
             for ``include``, ``exclude``, ``text_field``, ``errors``, ``max_files``,
             ``max_bytes``.
-        out_dir: the folder to write (created if needed; a previous preparation in it
-            is replaced).
+        out_dir: the folder to write (created if needed). What is already there is
+            replaced only when it is a preparation of the same data with the same
+            options (prepared again: its input may have changed), or with
+            ``overwrite=True``; anything else (a preparation of other data or with other
+            options, a folder of other files, a file) is a `DataError` raised before
+            anything is read or written. See `check_out_dir`.
         tokenizer: ``"bpe"``, ``"unigram"``, ``"char"`` or ``"byte"``.
         vocab_size: sentencepiece vocabulary size (an upper bound for char; ignored for byte).
         val_fraction: the share of documents held out for validation, in [0, 1).
@@ -220,11 +244,17 @@ def prepare(
             num_perm, threshold, ...).
         tokenizer_options: extra `SentencePieceTokenizer.train` options
             (character_coverage, input_sentence_size, max_sentence_length, num_threads).
+        overwrite: replace whatever ``out_dir`` holds.
         progress: show tqdm bars and print the report summary.
+
+    The new folder is written next to ``out_dir`` (a hidden ``.<name>.partial-*``
+    folder) and renamed into place only when complete, so a crash or an error leaves the
+    previous content untouched.
 
     Raises:
         DataFileNotFoundError: a data path does not exist.
-        DataError: a bad option, or nothing left to train on.
+        DataError: a bad option, an ``out_dir`` that must not be replaced or cannot be
+            written, or nothing left to train on.
     """
     t_start = time.perf_counter()
     options = _canonical_options(
@@ -232,8 +262,34 @@ def prepare(
         include=include, exclude=exclude, text_field=text_field, errors=errors, max_files=max_files,
         max_bytes=max_bytes, clean=clean, dedup=dedup, tokenizer_options=tokenizer_options,
     )
+    if data is not None:
+        check_data_paths(data)
     out = Path(out_dir)
+    target = check_out_dir(out, options, overwrite=overwrite)
+    staging = _make_staging(out, target)
+    try:
+        meta, report = _prepare_into(staging, data, options, skip_dirs=[out, staging], progress=progress,
+                                     t_start=t_start)
+        _swap_in(staging, target, out)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, DataError):
+            raise _write_error(out, exc) from exc
+        raise
+    if progress:
+        print(format_report(report), flush=True)
+        print(f"prepared {out} ({META_FILE}, {REPORT_FILE}, {meta['tokenizer']['file']}, {TRAIN_FILE}, "
+              f"{VAL_FILE})", flush=True)
+    return meta
+
+
+def _prepare_into(
+    out: Path, data, options: dict, *, skip_dirs: list[Path], progress: bool, t_start: float
+) -> tuple[dict, dict]:
+    """Run the pipeline and write every file into the (new, empty) folder ``out``;
+    returns (meta, report)."""
     timings: dict[str, float] = {}
+    o = options
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
@@ -242,25 +298,19 @@ def prepare(
 
     t = time.perf_counter()
     corpus = read_corpus(
-        data, include=include, exclude=exclude, text_field=text_field, errors=errors,
-        max_files=max_files, max_bytes=max_bytes, skip_dirs=[out], progress=progress,
+        data, include=o["include"], exclude=o["exclude"], text_field=o["text_field"], errors=o["errors"],
+        max_files=o["max_files"], max_bytes=o["max_bytes"], skip_dirs=skip_dirs, progress=progress,
     )
     t = lap("read", t)
-    docs, clean_report = clean_documents(corpus.documents, options["clean"], progress=progress)
+    docs, clean_report = clean_documents(corpus.documents, o["clean"], progress=progress)
     t = lap("clean", t)
-    docs, dedup_report = deduplicate(docs, options["dedup"], progress=progress)
+    docs, dedup_report = deduplicate(docs, o["dedup"], progress=progress)
     t = lap("dedup", t)
     if not docs:
-        cr = corpus.report
-        raise DataError(
-            f"no documents left to train on: read {cr.documents} documents from {cr.files_read} files "
-            f"(skipped binary={cr.skipped_binary}, non-UTF-8={cr.non_utf8_skipped}), the clean stage dropped "
-            f"{ {k: v for k, v in clean_report.dropped.items() if v} } and dedup removed "
-            f"{dedup_report.exact_removed + dedup_report.near_removed}; loosen the clean thresholds "
-            f"(e.g. min_chars, max_line_chars, set to None to disable) or point the data path at more text"
-        )
+        raise DataError(_nothing_left(corpus.report, clean_report, dedup_report, o["clean"]))
 
     # split by document, before the tokenizer sees anything
+    tokenizer, vocab_size, val_fraction, seed = o["tokenizer"], o["vocab_size"], o["val_fraction"], o["seed"]
     single = len(docs) == 1 and val_fraction > 0
     if single:
         head, tail = _split_single_document(docs[0], val_fraction)
@@ -273,18 +323,13 @@ def prepare(
     if progress:
         kind = f"{tokenizer} tokenizer (vocab_size={vocab_size})" if tokenizer != "byte" else "byte tokenizer"
         print(f"training {kind} on {len(train_docs)} documents ...", flush=True)
-    tok_options = {"seed": seed, **options["tokenizer_options"]}
+    tok_options = {"seed": seed, **o["tokenizer_options"]}
     tok = train_tokenizer((d.text for d in train_docs), tokenizer, vocab_size,
                           **(tok_options if tokenizer != "byte" else {}))
     t = lap("tokenizer", t)
 
-    # write: invalidate first, meta.json last
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)
+    # write (meta.json last, though the folder only becomes visible when complete)
     tok_file = tokenizer_filename(tok.kind)
-    for other in ("tokenizer.model", "tokenizer.json"):
-        if other != tok_file:
-            (out / other).unlink(missing_ok=True)
     tok.save(out / tok_file)
     train_tokens, train_bytes = _write_split(out / TRAIN_FILE, tok, train_docs, "encode train", progress)
     val_tokens, _ = _write_split(out / VAL_FILE, tok, val_docs, "encode val", progress)
@@ -334,10 +379,204 @@ def prepare(
         "options": options,
     }
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
-    if progress:
-        print(format_report(report), flush=True)
-        print(f"prepared {out} ({META_FILE}, {REPORT_FILE}, {tok_file}, {TRAIN_FILE}, {VAL_FILE})", flush=True)
-    return meta
+    return meta, report
+
+
+def _nothing_left(cr, clean_report, dedup_report, clean: dict) -> str:
+    """The message for an empty corpus after clean + dedup, naming the thresholds that
+    dropped documents as the prepare options that loosen them."""
+    dropped = {k: v for k, v in clean_report.dropped.items() if v}
+    flags = [f"--{THRESHOLD_OF_REASON[r].replace('_', '-')} (now {clean[THRESHOLD_OF_REASON[r]]})" for r in dropped]
+    if flags:
+        advice = (f"loosen the threshold that dropped them: {', '.join(flags)} ('none' disables a filter; "
+                  f"clean={{...}} in Python)")
+    else:
+        advice = "nothing was filtered"
+    return (
+        f"no documents left to train on: read {cr.documents} documents from {cr.files_read} files "
+        f"(skipped binary={cr.skipped_binary}, non-UTF-8={cr.non_utf8_skipped}), the clean stage dropped "
+        f"{dropped} and dedup removed {dedup_report.exact_removed + dedup_report.near_removed}; {advice}, "
+        f"or point the data path at more text"
+    )
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+# what prepare writes into a folder (and the hidden temporary files of its atomic writes)
+_OWN_FILES = frozenset({META_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, "tokenizer.model", "tokenizer.json"})
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_FILES or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def describe_prepared(meta: dict) -> str:
+    """What a prepared folder holds, in a few words: its data and tokenizer."""
+    options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+    data = options.get("data")
+    source = "the default corpus (the Python standard library)" if data is None else ", ".join(map(str, data))
+    tok = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    return f"{source} ({tok.get('kind', '?')} tokenizer, vocab {meta.get('vocab_size', '?')})"
+
+
+def _differences(there: dict, wanted: dict, limit: int = 4) -> str:
+    """``"data (A there, B now), clean.min_chars (32 there, 5 now)"``."""
+
+    def flat(d: dict) -> dict:
+        items = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                items.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                items[k] = v
+        return items
+
+    def show(k, v):
+        if k == "data":
+            return "the default corpus" if v is None else ", ".join(map(str, v))
+        return "missing" if v is _MISSING else json.dumps(v)
+
+    a, b = flat(there if isinstance(there, dict) else {}), flat(wanted)
+    keys = list(b) + [k for k in a if k not in b]
+    diffs = [f"{k} ({show(k, a.get(k, _MISSING))} there, {show(k, b.get(k, _MISSING))} now)"
+             for k in keys if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+_MISSING = object()
+
+
+def check_out_dir(out_dir: str | os.PathLike, options: dict, *, overwrite: bool = False) -> Path:
+    """Check that ``prepare`` may write ``out_dir``; returns the real path to write.
+
+    Allowed: a folder that does not exist or is empty; a prepared folder (readable
+    meta.json) of the same data and options that holds nothing but prepare's own files;
+    with ``overwrite``, any folder except one holding the data, the current folder or the
+    home folder. Everything else is a `DataError` saying what is there, raised before
+    anything is touched. ``options`` are the canonical options (`_canonical_options`).
+    """
+    out = Path(out_dir)
+    target = out.resolve()  # a symlinked folder is replaced at its real location, the link kept
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {out} cannot be created: {parent} is a file, not a folder; "
+                                f"choose another --out")
+            break
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder: prepare writes a folder of several files; "
+                        f"choose another --out (a new or empty folder)")
+    try:
+        entries = sorted(os.listdir(target))
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+    if not entries:
+        return target
+    try:
+        meta = read_meta(target)
+    except DataError:
+        meta = None
+    if overwrite:
+        _check_overwrite_is_safe(out, target, options)
+        return target
+    if meta is None:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise DataError(
+            f"--out {out} is not empty and is not a prepared data folder (it holds {shown}): choose another "
+            f"--out (a new or empty folder), or pass --overwrite to replace everything in it"
+        )
+    if meta.get("options") != options:
+        raise DataError(
+            f"--out {out} already holds data prepared from {describe_prepared(meta)}, with other data or options "
+            f"than this run: {_differences(meta.get('options'), options)}; pass --overwrite to replace it, or "
+            f"choose another --out"
+        )
+    foreign = [e for e in entries if not _is_own(e)]
+    if foreign:
+        raise DataError(
+            f"--out {out} holds a preparation of the same data and options, and also other files "
+            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}) that preparing again would delete: "
+            f"move them out, or pass --overwrite to replace everything in it"
+        )
+    return target
+
+
+def _check_overwrite_is_safe(out: Path, target: Path, options: dict) -> None:
+    """--overwrite deletes the folder: never one that holds the input or the user's work."""
+    roots = [Path(p) for p in options["data"]] if options["data"] is not None else [default_corpus_root()]
+    guarded = [("the data path", r.resolve()) for r in roots] + [("the current folder", Path.cwd().resolve())]
+    try:
+        guarded.append(("the home folder", Path.home().resolve()))
+    except (RuntimeError, KeyError):  # no home folder
+        pass
+    for what, path in guarded:
+        if path == target or target in path.parents:
+            raise DataError(f"--out {out} holds {what} ({path}): --overwrite would delete it; choose another --out")
+
+
+def _write_error(out: Path, exc: OSError) -> DataError:
+    why = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DataError(
+        f"cannot write the prepared data to --out {out}: {why}{where}; choose an --out you can write to "
+        f"(with free space)"
+    )
+
+
+def _make_staging(out: Path, target: Path) -> Path:
+    """A new, empty, hidden folder next to ``target`` to prepare into."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            staging = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir()
+                return staging
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise _write_error(out, exc) from exc
+
+
+def _swap_in(staging: Path, target: Path, out: Path) -> None:
+    """Rename the complete ``staging`` folder to ``target``, replacing what is there."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        fsync_path(str(target.parent))
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    fsync_path(str(target.parent))
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        print(f"warning: prepared {out}, but its previous content, moved to {old}, could not be deleted "
+              f"({exc.strerror or exc}): delete it by hand", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- the CLI's flat options
+
+
+def options_from_flat(flat: dict) -> dict:
+    """Keyword arguments of `prepare` from the CLI's flat option names: the clean
+    thresholds (``min_chars``, ... the `CleanConfig` fields) go into ``clean``,
+    ``character_coverage`` into ``tokenizer_options``, the rest is passed as is."""
+    kwargs = dict(flat)
+    clean = {k: parse_threshold(k, kwargs.pop(k)) for k in CLEAN_OPTIONS if k in kwargs}
+    if clean:
+        kwargs["clean"] = {**(kwargs.get("clean") or {}), **clean}
+    if "character_coverage" in kwargs:
+        kwargs["tokenizer_options"] = {**(kwargs.get("tokenizer_options") or {}),
+                                       "character_coverage": kwargs.pop("character_coverage")}
+    return kwargs
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -395,7 +634,7 @@ def load_prepared(out_dir: str | os.PathLike) -> tuple[dict, Tokenizer, Path, Pa
 
 _PREPARE_PARAMS = {
     name: p.default for name, p in inspect.signature(prepare).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "progress"
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "overwrite")
 }
 
 
@@ -410,10 +649,11 @@ def is_prepared(
     (the keyword arguments of `prepare`, defaults filled in) and, unless
     ``check_fingerprint=False``, from input files that have not changed since (the
     fingerprint re-hashes the input files: ~0.1 s for the stdlib)."""
-    unknown = sorted(set(options) - set(_PREPARE_PARAMS) - {"progress"})
+    unknown = sorted(set(options) - set(_PREPARE_PARAMS) - {"progress", "overwrite"})
     if unknown:
         raise DataError(f"unknown prepare option(s) {unknown}: valid options are {sorted(_PREPARE_PARAMS)}")
     options.pop("progress", None)
+    options.pop("overwrite", None)
     wanted = _canonical_options(data, **{**_PREPARE_PARAMS, **options})
     try:
         meta, _, _, _ = load_prepared(out_dir)
@@ -441,7 +681,7 @@ def ensure_prepared(
 ) -> dict:
     """`prepare` unless `is_prepared` already holds for these options; returns meta."""
     progress = options.get("progress", True)
-    check = {k: v for k, v in options.items() if k != "progress"}
+    check = {k: v for k, v in options.items() if k not in ("progress", "overwrite")}
     if is_prepared(out_dir, data, **check):
         if progress:
             print(f"reusing prepared data in {out_dir}", flush=True)

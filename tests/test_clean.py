@@ -98,3 +98,22 @@ def test_bad_options_are_clear_errors():
         CleanConfig(min_chars=10, max_chars=5)
     with pytest.raises(DataError, match="max_line_chars=-1"):
         CleanConfig(max_line_chars=-1)
+
+
+def test_thresholds_as_written_on_the_command_line_or_in_toml():
+    from gpt.clean import CLEAN_OPTIONS, clean_cli_options, parse_threshold
+
+    assert parse_threshold("min_chars", "none") is None and parse_threshold("max_line_chars", "OFF") is None
+    assert parse_threshold("min_chars", False) is None  # TOML has no null
+    assert parse_threshold("min_chars", "12") == 12 and parse_threshold("min_alnum_fraction", "0.5") == 0.5
+    assert parse_threshold("min_chars", 7) == 7
+    with pytest.raises(DataError, match=r"clean option min_chars='1.5' must be an integer or none"):
+        parse_threshold("min_chars", "1.5")
+    with pytest.raises(DataError, match=r"max_repeated_line_fraction='lots' must be a fraction in \[0, 1\] or none"):
+        parse_threshold("max_repeated_line_fraction", "lots")
+    specs = clean_cli_options()  # one flag per field, defined by the dataclass alone
+    assert tuple(specs) == CLEAN_OPTIONS
+    parse, help_text = specs["max_line_chars"]
+    assert parse("none") == "none" and parse("80") == 80 and "(default 1000; none disables it)" in help_text
+    with pytest.raises(ValueError):  # argparse turns this into its one-line usage error
+        parse("eighty")

@@ -138,3 +138,35 @@ def test_default_corpus_is_the_stdlib_python_sources_without_site_packages():
     assert not [d.source for d in everything.documents if "site-packages" in d.source or not d.source.endswith(".py")]
     by_bytes = read_corpus(max_bytes=50_000)
     assert by_bytes.report.bytes_read >= 50_000 and by_bytes.report.files_read < 100
+
+
+def test_jsonl_file_without_the_text_field_says_which_field_to_use(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "body": f"message number {i}"}) for i in range(3)) + "\n")
+    with pytest.raises(DataError) as info:
+        read_corpus(path)
+    msg = str(info.value)
+    assert f"{path}: no JSON record has a string in the field 'text'" in msg
+    assert "line 1 has the keys ['id', 'body']" in msg and "--text-field body" in msg
+    assert [d.text for d in read_corpus(path, text_field="body").documents][0] == "message number 0"
+    # the field is there but holds no string
+    path.write_text(json.dumps({"text": ["a", "b"]}) + "\n")
+    with pytest.raises(DataError, match=r"line 1 has 'text' as a JSON list, not a string.*--text-field NAME"):
+        read_corpus(path)
+
+
+def test_jsonl_file_of_malformed_lines_names_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n" + "{'text': 'single quotes'}\n" + '{"text": "x"\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl line 2 is not valid JSON \(Expecting property name .*column 2\)"
+                                        r".*one JSON object per line"):
+        read_corpus(path)
+    path.write_text('"just a string"\n')
+    with pytest.raises(DataError, match=r"line 1 is a JSON string, not an object"):
+        read_corpus(path)
+    # in a file that also has good records, bad lines are counted and skipped, with their line numbers
+    path.write_text('{"text": "good"}\n{bad\n')
+    corpus = read_corpus(path)
+    assert [d.text for d in corpus.documents] == ["good"] and corpus.report.examples["jsonl_bad_lines"] == ["broken.jsonl:2"]
+    path.write_text("")  # an empty file is no error: it just has no documents
+    assert read_corpus(path).documents == []
