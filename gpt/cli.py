@@ -160,11 +160,23 @@ PREPARE_FLAGS = {
 
 
 def ensure_default_data(data: str, say=print) -> None:
-    """The default corpus is prepared on first use and reused afterwards."""
-    from .prepare import is_prepared, prepare
-    if data == DEFAULT_DATA and not is_prepared(data):
-        say(f"preparing the default corpus (the Python standard library) into {data} ...")
-        prepare(data=None, out_dir=data)
+    """The default corpus is prepared on first use (and again when the standard library
+    changed), and reused afterwards; a folder the user prepared there is used as it is."""
+    from .errors import DataError
+    from .prepare import describe_prepared, is_prepared, prepare, read_meta
+    if data != DEFAULT_DATA or is_prepared(data):
+        return
+    try:
+        meta = read_meta(data)
+    except DataError:
+        meta = None
+    if meta is not None and not is_prepared(data, check_fingerprint=False):
+        # the user prepared their own data into the default folder: use it, never replace it
+        say(f"note: {data} holds data prepared from {describe_prepared(meta)} with other options "
+            "than the default; training on it (--data chooses other data)")
+        return
+    say(f"preparing the default corpus (the Python standard library) into {data} ...")
+    prepare(data=None, out_dir=data)
 
 
 def cmd_train(args) -> int:
