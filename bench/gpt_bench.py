@@ -2,7 +2,7 @@
 
     python -m bench.gpt_bench [--config tiny|small|all] [--mode train|gen|all] [--steps N]
                               [--warmup N] [--repeats R] [--json out.json] [--no-torch]
-                              [--unset-openblas-env] [--profile]
+                              [--threads N] [--unset-openblas-env] [--profile]
 
 For each config, the same GPT-2 model (learned positions, pre-LN, GELU tanh, tied head,
 biases, no dropout) in tensorlite and, when ``import torch`` works, in PyTorch eager with
@@ -154,15 +154,18 @@ def train_tensorlite(cfg: dict, steps: int, warmup: int, profile=False) -> dict:
         loss.backward()
 
     r = _timed_train(lambda x, y: model(x, y)[1], bwd, opt.step, cfg, steps, warmup, profile)
-    r.update(params=model.num_parameters(), flops_per_token=model.flops_per_token())
+    r.update(params=model.num_parameters(), flops_per_token=model.flops_per_token(),
+             threads_used=tl.get_num_threads())
     return r
 
 
 def train_torch(cfg: dict, attn: str, steps: int, warmup: int, threads: int) -> dict:
     from bench import torch_ref
+    import torch
     model, fwd, bwd, opt_step = torch_ref.make_train(cfg, attn, threads)
     r = _timed_train(fwd, bwd, opt_step, cfg, steps, warmup)
-    r.update(params=model.num_parameters(), flops_per_token=model.flops_per_token())
+    r.update(params=model.num_parameters(), flops_per_token=model.flops_per_token(),
+             threads_used=torch.get_num_threads())
     return r
 
 
@@ -209,6 +212,12 @@ def run_gen(lib: str, cfg: dict, threads: int) -> dict:
         out[f"{key}_other_cores"] = mon.other_cores
         out[f"{key}_head"] = toks[:12]
     out["other_cores"] = max(out["kv_other_cores"], out["nocache_other_cores"])
+    if lib == "tensorlite":
+        import tensorlite as tl
+        out["threads_used"] = tl.get_num_threads()
+    else:
+        import torch
+        out["threads_used"] = torch.get_num_threads()
     out["cache_matches_nocache"] = out["kv_head"] == out["nocache_head"]
     return out
 
@@ -234,6 +243,9 @@ def worker(job: dict) -> dict:
     if kind == "info":
         return info_worker()
     cfg, threads = CONFIGS[job["config"]], job["threads"]
+    if lib == "tensorlite":     # its own pool (BLAS runs single-threaded inside it)
+        import tensorlite as tl
+        tl.set_num_threads(threads)
     if kind == "train":
         if lib == "tensorlite":
             r = train_tensorlite(cfg, job["steps"], job["warmup"], job.get("profile", False))
@@ -277,7 +289,8 @@ def code_version() -> str:
 def worker_env(unset_openblas: bool, threads: int | None = None) -> dict:
     env = dict(os.environ)
     if threads:
-        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                  "TENSORLITE_NUM_THREADS"):
             env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if unset_openblas:
@@ -323,7 +336,11 @@ def table(cfg_name: str, res: dict, libs: list[str], peak: float) -> str:
     def mark(r):
         return "*" if r and r["other_cores"] > CONTENDED else ""
 
-    rows = []
+    def threads(lib):
+        used = {r["threads_used"] for r in (train[lib], gen[lib]) if r and "threads_used" in r}
+        return "/".join(str(n) for n in sorted(used)) or None
+
+    rows = [("threads", threads)]
     if any(train.values()):
         rows += [
             ("train tokens/s", lambda lib: train[lib] and train[lib]["tokens_per_s"]),
@@ -356,16 +373,20 @@ def table(cfg_name: str, res: dict, libs: list[str], peak: float) -> str:
     for name, get in rows:
         vals = {lib: get(lib) for lib in libs}
         src = gen if name.startswith(("gen", "KV", "no-cache")) else train
-        cells = [name] + [_fmt(vals[lib]) + mark(src[lib]) for lib in libs]
+        cells = [name] + [_fmt(vals[lib]) + ("" if name == "threads" else mark(src[lib]))
+                          for lib in libs]
         if "tensorlite" in libs:
-            cells += ["-" if not (vals["tensorlite"] and vals[lib]) or name.endswith("/ quarter") else
+            cells += ["-" if not (vals["tensorlite"] and vals[lib]) or name.endswith("/ quarter")
+                      or name == "threads" else
                       f"{vals['tensorlite'] / vals[lib]:.2f}" for lib in others]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def header(info: dict, other_info: dict | None, unset: bool) -> list[str]:
+def header(info: dict, other_info: dict | None, unset: bool,
+           threads: int | None = None) -> list[str]:
     b = info["blas"]
+    threads = threads or b["threads"] or os.cpu_count()
     env = ", ".join(f"{k}={v}" for k, v in info["env"].items() if v) or "none set"
     lines = [f"# python {info['python']}, numpy {info['numpy']}, BLAS {b['lib']} {b['version'] or ''} "
              f"kernel {b['kernel']} ({b['threads']} threads, via {b['via']})",
@@ -380,10 +401,12 @@ def header(info: dict, other_info: dict | None, unset: bool) -> list[str]:
                      f"{'/'.join(OPENBLAS_VARS)}: kernel {ob['kernel']}, peak {o['peak']:.0f} "
                      f"GFLOP/s{'' if unset else '; rerun with --unset-openblas-env to use it'})")
     t = info["torch"]
-    lines.append(f"# torch {t['version']} (cpu capability {t['cpu_capability']}), "
-                 f"torch.set_num_threads({b['threads']})" if "version" in t else
-                 f"# PyTorch: not importable here ({t['error']}); tensorlite only "
+    lines.append(f"# torch {t['version']} (cpu capability {t['cpu_capability']})" if "version" in t
+                 else f"# PyTorch: not importable here ({t['error']}); tensorlite only "
                  "(see bench/README.md to set up ~/.bench-venv)")
+    lines.append(f"# threads: tensorlite {threads} (tl.set_num_threads; its BLAS calls "
+                 f"single-threaded inside its pool)"
+                 + (f", torch {threads} (torch.set_num_threads)" if "version" in t else ""))
     return lines
 
 
@@ -404,8 +427,9 @@ def parse_args(argv):
                     help=f"run the measurements without {' and '.join(OPENBLAS_VARS)} "
                          "(which make OpenBLAS use a slower kernel)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="BLAS/OpenMP threads for both libraries (default: NumPy's BLAS "
-                         "default, i.e. all cores; torch gets the same number)")
+                    help="threads for both libraries: tensorlite's pool (tl.set_num_threads) "
+                         "and torch.set_num_threads, and the BLAS/OpenMP variables (default: "
+                         "NumPy's BLAS default, i.e. all cores)")
     ap.add_argument("--wait-quiet", type=float, default=10, metavar="S",
                     help="before each run, wait up to S seconds for other processes to go "
                          "quiet (default 10; 0: don't look)")
@@ -444,11 +468,11 @@ def main(argv=None) -> int:
         libs += ["torch-manual", "torch-sdpa"]
     info["code"] = code_version()
     print(f"# tensorlite at {info['code']}")
-    for ln in header(info, other, args.unset_openblas_env):
+    threads = info["blas"]["threads"] or os.cpu_count()   # --threads N, else NumPy BLAS's
+    for ln in header(info, other, args.unset_openblas_env, threads):
         print(ln, flush=True)
     if args.no_torch:
         print("# --no-torch: tensorlite only")
-    threads = info["blas"]["threads"] or os.cpu_count()
     configs = list(CONFIGS) if args.config == "all" else [args.config]
     modes = ["train", "gen"] if args.mode == "all" else [args.mode]
 

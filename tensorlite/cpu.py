@@ -15,7 +15,9 @@ releases the GIL inside BLAS and ufuncs); row-wise fused kernels (GELU, LayerNor
 cross-entropy) run over blocks of rows small enough that a block's temporaries stay in the
 L2 cache, and large enough that NumPy's per-call overhead (microseconds per ufunc) stays
 small: 32K, 64K, 128K and 256K elements per block gave 29.3k, 32.7k, 33.5k and 33-35k
-tokens/s on the tiny GPT (2 cores; 512K and 1M were no better). ``set_num_threads(n)`` sets the number of threads (default: the usable cores).
+tokens/s on the tiny GPT (2 cores; 512K and 1M were no better). ``set_num_threads(n)`` sets
+the number of threads (default: the usable cores). A ``fork`` child (multiprocessing's
+default start method on Linux before Python 3.14) makes a fresh pool on first use.
 On CuPy data none of this applies: the kernel runs once on the whole array.
 """
 from __future__ import annotations
@@ -67,6 +69,21 @@ _num_threads: int | None = None
 _blas = None
 _blas_checked = False
 _local = threading.local()
+
+
+def _reset_after_fork() -> None:
+    """In a fork child: forget the pool. Only the forking thread is copied into the child, so
+    the pool's workers are gone while the executor still counts them as idle; a task submitted
+    to it would wait forever (as would a lock some other thread held at the fork). A new pool
+    is made on first use, as PyTorch and OpenBLAS do for theirs."""
+    global _lock, _pool, _local
+    _lock = threading.Lock()
+    _pool = None
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _default_threads() -> int:

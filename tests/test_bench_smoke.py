@@ -34,3 +34,21 @@ def test_main_usage_exit_codes(capsys):
     assert gb.main(["--config", "nope"]) == 2
     assert gb.main(["--steps", "0"]) == 2
     assert gb.blas_info()["threads"]
+
+
+def test_threads_reach_tensorlite():
+    # --threads N sizes tensorlite's own pool too, not just torch's and BLAS's
+    import tensorlite as tl
+    assert gb.worker_env(False, 3)["TENSORLITE_NUM_THREADS"] == "3"
+    before = tl.get_num_threads()
+    gb.CONFIGS["micro"] = MICRO
+    try:
+        r = gb.worker({"kind": "gen", "config": "micro", "lib": "tensorlite", "threads": 1})
+        assert r["threads_used"] == 1 and tl.get_num_threads() == 1
+    finally:
+        del gb.CONFIGS["micro"]
+        tl.set_num_threads(before)
+    info = {"python": "3", "numpy": "2", "blas": gb.blas_info(), "env": {},
+            "gemm_gflops": {"peak": 1.0}, "torch": {"version": "x", "cpu_capability": "y"}}
+    assert "# threads: tensorlite 3 (" in "\n".join(gb.header(info, None, False, threads=3))
+    assert ", torch 3 (" in gb.header(info, None, False, threads=3)[-1]

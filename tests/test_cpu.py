@@ -1,4 +1,10 @@
 """tensorlite.cpu: the thread-pool paths give NumPy's answers, whatever the thread count."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -104,3 +110,89 @@ def test_training_is_deterministic_per_thread_count_and_close_across(threads):
     for a, b in zip(results[0][0], results[2][0]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6)
     assert abs(results[0][2] - results[2][2]) < 1e-5
+
+
+_FORK_SCRIPT = r'''
+import multiprocessing as mp
+import numpy as np
+import nn
+import tensorlite as tl
+from tensorlite import cpu
+from gpt.model import GPT, GPTConfig
+
+cpu.set_num_threads(2)
+
+
+def work(seed):
+    """Parallel ops: a split matmul, a blocked fused op, three steps of a small GPT."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((512, 256)).astype(np.float32)
+    b = rng.standard_normal((256, 256)).astype(np.float32)
+    out = [cpu.matmul(a, b), nn.functional.gelu(tl.tensor(a)).numpy()]
+    tl.manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=1, n_head=4, d_model=64))
+    opt = nn.AdamW(m.parameters(), lr=1e-3)
+    for _ in range(3):
+        x = rng.integers(0, 300, (8, 64))
+        _, loss = m(x, np.roll(x, -1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+if __name__ == "__main__":
+    parent = [work(s) for s in (0, 1)]       # the parent's pool is up (and idle) from here
+    assert cpu._pool is not None
+    with mp.get_context("fork").Pool(2) as pool:
+        children = pool.map(work, (0, 1))
+    for p, c in zip(parent, children):
+        for u, v in zip(p, c):
+            np.testing.assert_array_equal(u, v)
+    print("fork ok", [round(p[-1], 4) for p in parent])
+'''
+
+
+_linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="fork with threads running: Linux only")
+
+
+@_linux_only
+def test_forked_children_run_parallel_ops(tmp_path):
+    # After the pool has run, a fork child used to wait forever for pool threads that were not
+    # copied into it. In a subprocess, so a hang fails this test instead of hanging pytest.
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TENSORLITE_NUM_THREADS", None)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)      # the script and its forked workers
+        out, _ = proc.communicate()
+        pytest.fail("forked workers hung on a parallel op:\n" + out[-2000:])
+    assert proc.returncode == 0 and "fork ok" in out, out[-2000:]
+
+
+@_linux_only
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # 3.12+: fork of a threaded process
+def test_pool_is_reset_in_a_fork_child(threads):
+    threads(2)
+    cpu.for_rows(lambda lo, hi: None, 100_000, 1)       # the parent's pool exists
+    assert cpu._pool is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report, then leave without running pytest's teardown
+        try:
+            ok = cpu._pool is None and not cpu._lock.locked()
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    os.waitpid(pid, 0)

@@ -242,3 +242,63 @@ def test_scatter_add_fast_path_equals_add_at(rng):
     backend.scatter_add(np, b, idx, vals)
     np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
     check_op(rng, lambda t: t[idx], lambda t: t[idx], [(5, 3)])
+
+
+def _erf_grid():
+    lin = np.linspace(-6.5, 6.5, 26001)
+    tiny = np.geomspace(1e-310, 6.0, 4001)
+    edges = [0.0, 5e-324, 1e-20, 0.46875, 0.84375, 1.25, 4.0, 6.0, 27.0, 1e300]
+    edges += [np.nextafter(e, 0.0) for e in edges[3:8]] + [np.nextafter(e, 9.0) for e in edges[3:8]]
+    return np.concatenate([lin, tiny, -tiny, edges, np.negative(edges)])
+
+
+def test_erf_float64_within_float64_rounding():
+    import math
+    from tensorlite.ops.nn import erf
+    x = _erf_grid()
+    got = erf(x)
+    ref = np.array([math.erf(v) for v in x])
+    assert got.dtype == np.float64 and got.shape == x.shape
+    err = np.abs(got - ref)
+    assert (err <= np.maximum(4e-16 * np.abs(ref), 1e-323)).all(), x[np.argmax(err / (np.abs(
+        ref) + 1e-300))]                                   # 4e-16: 2 ulp; 1e-323: subnormals
+    special = erf(np.array([0.0, -0.0, np.inf, -np.inf, np.nan]))
+    np.testing.assert_array_equal(special[:4], [0.0, 0.0, 1.0, -1.0])
+    assert np.signbit(special[1]) and not np.signbit(special[0]) and np.isnan(special[4])
+    # split over threads in blocks: the same bits as one small call per piece
+    big = np.random.default_rng(0).standard_normal((3, 70_000)) * 2
+    pieces = np.concatenate([erf(c) for c in np.split(big.ravel(), 210)])   # 1000 each
+    np.testing.assert_array_equal(erf(big).ravel(), pieces)
+    np.testing.assert_array_equal(erf(big[:, ::7])[0, :10], erf(big[0, :70:7]))   # strided input
+    assert erf(np.float64(0.5)).shape == () and erf(np.arange(3)).dtype == np.float64
+
+
+def test_erf_float32_within_float32_rounding():
+    import math
+    from tensorlite.ops.nn import erf
+    x = _erf_grid()
+    x = x[np.abs(x) < 1e30].astype(np.float32)
+    got = erf(x)
+    assert got.dtype == np.float32                        # no upcast
+    ref = np.array([math.erf(float(v)) for v in x])       # exact for the float32 input
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    assert (np.abs(got - ref) <= ulp).all()               # within one float32 ulp
+    assert (got == ref.astype(np.float32)).mean() > 0.999  # correctly rounded nearly always
+
+
+def test_gelu_exact_float32_and_threads(rng):
+    # exact GELU in float32 (> 64K elements: the blocked, threaded path) against float64
+    import math
+    from nn import functional as F
+    x64 = np.concatenate([np.linspace(-12, 10, 4401), rng.standard_normal(80_000) * 3])
+    x = tl.tensor(x64.astype(np.float32), requires_grad=True)
+    y = F.gelu(x)
+    assert y.dtype == tl.float32
+    xr = x.numpy().astype(np.float64)
+    phi = 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in xr])   # no cancellation
+    ref = xr * phi
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    assert (np.abs(y.numpy() - ref) <= ulp).all()          # left tail included (x = -12)
+    y.backward(tl.tensor(np.ones(x.shape, np.float32)))
+    dref = phi + xr * np.exp(-0.5 * xr * xr) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(x.grad.numpy(), dref, rtol=1e-5, atol=1e-6)
