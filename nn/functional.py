@@ -140,6 +140,26 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: 
     return out
 
 
+def _attention_with_learned_bias(q, k, v, bias, dropout_p, is_causal, scale, generator):
+    """Attention whose additive float mask requires grad (a learned bias, as in T5 or ALiBi
+    variants): the same math as the fused op, composed of differentiable ops so the bias
+    receives its gradient, dL/dbias = dL/dscores summed over the broadcast dims. (Dropout
+    draws its mask from ``generator`` as ``dropout`` does, not as the fused op.)"""
+    import math
+
+    import numpy as np
+    tq, tk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale + bias.to(q.dtype)          # (..., Tq, Tk)
+    if is_causal:   # query i is the i-th of the last Tq positions
+        blocked = ~np.tril(np.ones((tq, tk), bool), k=tk - tq)
+        s = s.masked_fill(tl.tensor(blocked, device=q.device), float("-inf"))
+    p = s.softmax(-1)
+    if dropout_p:
+        p = dropout(p, dropout_p, generator=generator)
+    return p @ v
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale=None,
                                  generator=None) -> Tensor:
@@ -168,6 +188,10 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask=None
     if is_causal and q.shape[-2] > k.shape[-2]:
         raise ValueError(f"scaled_dot_product_attention: is_causal with more queries "
                          f"({q.shape[-2]}) than keys ({k.shape[-2]})")
+    if (isinstance(attn_mask, Tensor) and attn_mask.requires_grad and tl.is_grad_enabled()
+            and attn_mask.dtype.kind == "f"):
+        return _attention_with_learned_bias(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                            generator)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.data if isinstance(attn_mask, Tensor) else \

@@ -327,11 +327,20 @@ def test_rms_norm_without_weight(rng):
     assert tl.gradcheck(lambda x: F.rms_norm(x, 8), [x])
 
 
-@pytest.mark.xfail(strict=True, reason="F.scaled_dot_product_attention takes a float attn_mask's "
-                   ".data: a mask that requires grad (a learned attention bias) silently gets no "
-                   "gradient, where PyTorch differentiates it; it should either flow or raise")
 def test_attention_float_mask_that_requires_grad_gets_its_gradient(rng):
     q, k, v = t64(rng, 1, 2, 3, 4), t64(rng, 1, 2, 3, 4), t64(rng, 1, 2, 3, 4)
     bias = t64(rng, 3, 3)
     assert tl.gradcheck(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b),
                         [q, k, v, bias])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_learned_attention_bias_matches_the_fused_op_and_gradchecks(rng, causal):
+    q, k, v = t64(rng, 2, 2, 4, 3), t64(rng, 2, 2, 4, 3), t64(rng, 2, 2, 4, 3)
+    bias = t64(rng, 2, 1, 4, 4)                      # broadcast over heads
+    learned = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+    with tl.no_grad():
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal)
+    np.testing.assert_allclose(learned.numpy(), fused.numpy(), rtol=1e-12, atol=1e-13)
+    assert tl.gradcheck(lambda b: F.scaled_dot_product_attention(q, k, v, attn_mask=b,
+                                                                 is_causal=causal), [bias])
