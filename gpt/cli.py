@@ -1,6 +1,6 @@
 """tensorlite-gpt: prepare | train | sample | eval | bench.
 
-A thin layer over gpt.prepare, gpt.train and gpt.model: every option maps to a field of a
+A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
 it. User mistakes end in one line on stderr and exit status 2, never a traceback.
 """
@@ -122,8 +122,8 @@ def _train_config(args):
 def cmd_prepare(args) -> int:
     """Prepare into --out; nothing to do when --out is already prepared from the same data
     with the same options (unless --overwrite). What else --out holds is never replaced
-    without --overwrite (see gpt.prepare.check_out_dir)."""
-    from .prepare import is_prepared, options_from_flat, prepare
+    without --overwrite (see gpt.data.prepare.check_out_dir)."""
+    from .data.prepare import is_prepared, options_from_flat, prepare
     d = _merge(args, PREPARE_OPTIONS, PREPARE_FLAGS, "prepare")
     data = d.pop("data", None)
     out = d.pop("out", DEFAULT_DATA)
@@ -138,7 +138,7 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-from .clean import clean_cli_options as _clean_cli_options  # noqa: E402 (light: no numpy)
+from .data.clean import clean_cli_options as _clean_cli_options  # noqa: E402 (light: no numpy)
 
 PREPARE_OPTIONS = {
     "data": (str, "text file, folder or .jsonl to prepare (default: the Python standard "
@@ -151,7 +151,7 @@ PREPARE_OPTIONS = {
     "text_field": (str, "the field holding the text in .jsonl records (default text)"),
     "character_coverage": (float, "share of the characters the bpe/unigram/char tokenizer "
                                   "gives their own pieces, the rest as bytes (default 0.9995)"),
-    **_clean_cli_options(),  # --min-chars, --max-line-chars, ...: gpt.clean.CleanConfig
+    **_clean_cli_options(),  # --min-chars, --max-line-chars, ...: gpt.data.clean.CleanConfig
 }
 PREPARE_FLAGS = {
     "overwrite": "replace what --out holds (a preparation of other data or options, or any "
@@ -162,8 +162,8 @@ PREPARE_FLAGS = {
 def ensure_default_data(data: str, say=print) -> None:
     """The default corpus is prepared on first use (and again when the standard library
     changed), and reused afterwards; a folder the user prepared there is used as it is."""
-    from .errors import DataError
-    from .prepare import describe_prepared, is_prepared, prepare, read_meta
+    from .data.errors import DataError
+    from .data.prepare import describe_prepared, is_prepared, prepare, read_meta
     if data != DEFAULT_DATA or is_prepared(data):
         return
     try:
@@ -239,7 +239,7 @@ def _load_run(out: str, which: str | None, device: str):
     from nn import checkpoint as ckpt
 
     from .model import GPT, GPTConfig
-    from .tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer
     _check_device(device)
     path = _pick_checkpoint(out, which, lambda m: print(m, file=sys.stderr))
     meta = ckpt.load_checkpoint(path)
@@ -295,8 +295,8 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     import math
 
-    from .loader import BatchLoader
-    from .prepare import load_prepared
+    from .data.loader import BatchLoader
+    from .data.prepare import load_prepared
     from .train import evaluate, json_safe
     for name, v in (("--batch-size", args.batch_size), ("--eval-steps", args.eval_steps)):
         if v is not None and v < 1:
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from gpt.errors import DataError
+    from gpt.data.errors import DataError
     from nn.checkpoint import CheckpointError
 
     from .model import ConfigError

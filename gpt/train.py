@@ -31,8 +31,8 @@ from nn import checkpoint as ckpt
 from nn.optim import AdamW, clip_grad_norm_
 from nn.schedule import warmup_cosine
 
-from .errors import DataError
-from .loader import BatchLoader
+from .data.errors import DataError
+from .data.loader import BatchLoader
 from .model import GPT, ConfigError, GPTConfig, PRESETS
 
 LOG_NAME = "log.jsonl"
@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    data: str = "data/stdlib"          # a prepared data folder (see gpt.prepare)
+    data: str = "data/stdlib"          # a prepared data folder (see gpt.data.prepare)
     out: str = "runs/gpt"
     preset: str = "tiny"
     n_layer: int | None = None
@@ -466,7 +466,7 @@ def check_memory(model_cfg: GPTConfig, cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------ training
 class Trainer:
     def __init__(self, cfg: TrainConfig, say=print):
-        from .prepare import load_prepared
+        from .data.prepare import load_prepared
         cfg.validate()
         check_out(cfg)
         self.cfg, self.say = cfg, say
@@ -597,7 +597,7 @@ class Trainer:
     def _start_writing(self) -> None:
         """The first writes of the run: every check has passed."""
         cfg = self.cfg
-        from .tokenizer import tokenizer_filename
+        from .data.tokenizer import tokenizer_filename
         with _writing(self.out):
             if cfg.overwrite:
                 for name in RUN_FILES:

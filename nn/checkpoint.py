@@ -86,7 +86,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-fsync_path = _fsync_path  # public: gpt.shards makes its renames durable the same way
+fsync_path = _fsync_path  # public: gpt.data.shards makes its renames durable the same way
 
 
 _HASH_CHUNK = 1 << 20

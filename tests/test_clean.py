@@ -1,4 +1,4 @@
-"""gpt.clean: normalisation and quality filters."""
+"""gpt.data.clean: normalisation and quality filters."""
 
 import unicodedata
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt.clean import FILTER_ORDER, CleanConfig, clean_documents, normalize_text, quality_reason
-from gpt.corpus import Document
-from gpt.errors import DataError
+from gpt.data.clean import FILTER_ORDER, CleanConfig, clean_documents, normalize_text, quality_reason
+from gpt.data.corpus import Document
+from gpt.data.errors import DataError
 
 CODE = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n"
 
@@ -101,7 +101,7 @@ def test_bad_options_are_clear_errors():
 
 
 def test_thresholds_as_written_on_the_command_line_or_in_toml():
-    from gpt.clean import CLEAN_OPTIONS, clean_cli_options, parse_threshold
+    from gpt.data.clean import CLEAN_OPTIONS, clean_cli_options, parse_threshold
 
     assert parse_threshold("min_chars", "none") is None and parse_threshold("max_line_chars", "OFF") is None
     assert parse_threshold("min_chars", False) is None  # TOML has no null

@@ -1,17 +1,17 @@
-"""gpt.corpus: reading files, directories, JSONL and the default stdlib corpus."""
+"""gpt.data.corpus: reading files, directories, JSONL and the default stdlib corpus."""
 
 import json
 import os
 
 import pytest
 
-from gpt.corpus import (
+from gpt.data.corpus import (
     corpus_fingerprint,
     default_corpus_root,
     matches,
     read_corpus,
 )
-from gpt.errors import DataError, DataFileNotFoundError
+from gpt.data.errors import DataError, DataFileNotFoundError
 
 
 @pytest.fixture

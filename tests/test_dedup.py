@@ -1,10 +1,10 @@
-"""gpt.dedup: exact and MinHash/LSH near-duplicate removal."""
+"""gpt.data.dedup: exact and MinHash/LSH near-duplicate removal."""
 
 import numpy as np
 import pytest
 
-from gpt.corpus import Document
-from gpt.dedup import (
+from gpt.data.corpus import Document
+from gpt.data.dedup import (
     MERSENNE_P,
     DedupConfig,
     candidate_pairs,
@@ -15,7 +15,7 @@ from gpt.dedup import (
     permutations,
     shingle_hashes,
 )
-from gpt.errors import DataError
+from gpt.data.errors import DataError
 
 WORDS = [f"w{i}" for i in range(3000)]
 

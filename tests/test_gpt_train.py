@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpt.cli import main
-from gpt.prepare import prepare
+from gpt.data.prepare import prepare
 from gpt.train import Trainer, TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,13 +1,13 @@
-"""gpt.loader: batch shapes, determinism, exact resume, sequential coverage."""
+"""gpt.data.loader: batch shapes, determinism, exact resume, sequential coverage."""
 
 import json
 
 import numpy as np
 import pytest
 
-from gpt.errors import DataError
-from gpt.loader import BatchLoader
-from gpt.shards import write_shard
+from gpt.data.errors import DataError
+from gpt.data.loader import BatchLoader
+from gpt.data.shards import write_shard
 
 N = 5000
 

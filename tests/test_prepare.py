@@ -1,14 +1,14 @@
-"""gpt.prepare: the whole pipeline on a small user folder and on a slice of the stdlib."""
+"""gpt.data.prepare: the whole pipeline on a small user folder and on a slice of the stdlib."""
 
 import json
 
 import numpy as np
 import pytest
 
-from gpt import prepare as prepare_module
-from gpt.errors import DataError, DataFileNotFoundError
-from gpt.prepare import ensure_prepared, is_prepared, load_prepared, prepare, read_meta
-from gpt.shards import read_shard
+from gpt.data import prepare as prepare_module
+from gpt.data.errors import DataError, DataFileNotFoundError
+from gpt.data.prepare import ensure_prepared, is_prepared, load_prepared, prepare, read_meta
+from gpt.data.shards import read_shard
 
 WORDS = [f"name{i}" for i in range(500)] + ["def", "return", "class", "self", "if", "for", "in"]
 
@@ -410,6 +410,6 @@ def test_cli_clean_thresholds_are_prepare_options(tmp_path, capsys):
 
 
 def test_every_clean_threshold_is_a_prepare_flag():
-    from gpt.clean import CLEAN_OPTIONS
+    from gpt.data.clean import CLEAN_OPTIONS
     assert {"--" + name.replace("_", "-") for name in CLEAN_OPTIONS} <= prepare_flags()
     assert {"--overwrite", "--text-field", "--character-coverage"} <= prepare_flags()

@@ -17,7 +17,7 @@ import tensorlite as tl
 from gpt import train as train_mod
 from gpt.cli import main
 from gpt.model import ConfigError, GPT, GPTConfig
-from gpt.prepare import prepare
+from gpt.data.prepare import prepare
 from gpt.train import Trainer, TrainConfig, TrainingError, train
 from nn.optim import AdamW
 

@@ -1,4 +1,4 @@
-"""gpt.shards: the token shard format, atomic writes, the document split."""
+"""gpt.data.shards: the token shard format, atomic writes, the document split."""
 
 import os
 import struct
@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from gpt import shards
-from gpt.errors import DataError, DataFileNotFoundError
-from gpt.shards import (
+from gpt.data import shards
+from gpt.data.errors import DataError, DataFileNotFoundError
+from gpt.data.shards import (
     HEADER_SIZE,
     MAGIC,
     ShardWriter,

@@ -1,4 +1,4 @@
-"""gpt.tokenizer: exact round trips for every kind, save/load, clear vocab-size errors."""
+"""gpt.data.tokenizer: exact round trips for every kind, save/load, clear vocab-size errors."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpt.corpus import read_corpus
-from gpt.errors import DataError, DataFileNotFoundError
-from gpt.tokenizer import (
+from gpt.data.corpus import read_corpus
+from gpt.data.errors import DataError, DataFileNotFoundError
+from gpt.data.tokenizer import (
     ByteTokenizer,
     SentencePieceTokenizer,
     load_tokenizer,

@@ -33,8 +33,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from gpt.errors import DataError, DataFileNotFoundError
-from gpt.shards import atomic_write_bytes, atomic_write_text
+from gpt.data.errors import DataError, DataFileNotFoundError
+from gpt.data.shards import atomic_write_bytes, atomic_write_text
 
 SENTENCEPIECE_KINDS = ("bpe", "unigram", "char")
 TOKENIZER_KINDS = SENTENCEPIECE_KINDS + ("byte",)

@@ -51,13 +51,13 @@ import numpy as np
 
 from nn.checkpoint import fsync_path
 
-from gpt.clean import CLEAN_OPTIONS, THRESHOLD_OF_REASON, CleanConfig, clean_documents, parse_threshold
-from gpt.corpus import Document, check_data_paths, corpus_fingerprint, default_corpus_root, read_corpus
-from gpt.dedup import DedupConfig, deduplicate
-from gpt.errors import DataError, DataFileNotFoundError
-from gpt.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
-from gpt.shards import ShardWriter, atomic_write_text, read_header, split_documents
-from gpt.tokenizer import (
+from gpt.data.clean import CLEAN_OPTIONS, THRESHOLD_OF_REASON, CleanConfig, clean_documents, parse_threshold
+from gpt.data.corpus import Document, check_data_paths, corpus_fingerprint, default_corpus_root, read_corpus
+from gpt.data.dedup import DedupConfig, deduplicate
+from gpt.data.errors import DataError, DataFileNotFoundError
+from gpt.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
+from gpt.data.shards import ShardWriter, atomic_write_text, read_header, split_documents
+from gpt.data.tokenizer import (
     TOKENIZER_KINDS,
     ByteTokenizer,
     Tokenizer,
@@ -226,7 +226,7 @@ def prepare(
 
     Args:
         data: a file, a directory, a list of them, or None for the default corpus
-            (the Python standard library's ``.py`` sources). See `gpt.corpus.read_corpus`
+            (the Python standard library's ``.py`` sources). See `gpt.data.corpus.read_corpus`
             for ``include``, ``exclude``, ``text_field``, ``errors``, ``max_files``,
             ``max_bytes``.
         out_dir: the folder to write (created if needed). What is already there is

@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from gpt.corpus import Document
-from gpt.errors import DataError, build_config
+from gpt.data.corpus import Document
+from gpt.data.errors import DataError, build_config
 
 MERSENNE_P = np.uint64((1 << 31) - 1)
 _TOKEN = re.compile(rb"\w+|[^\w\s]")

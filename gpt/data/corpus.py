@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gpt.errors import DataError, DataFileNotFoundError
+from gpt.data.errors import DataError, DataFileNotFoundError
 
 ERROR_POLICIES = ("replace", "skip")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")

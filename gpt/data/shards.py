@@ -40,7 +40,7 @@ import numpy as np
 
 from nn.checkpoint import fsync_path
 
-from gpt.errors import DataError, DataFileNotFoundError
+from gpt.data.errors import DataError, DataFileNotFoundError
 
 MAGIC = b"TLTOKENS"
 FORMAT_VERSION = 1

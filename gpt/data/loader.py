@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.errors import DataError
-from gpt.shards import HEADER_SIZE, read_header
+from gpt.data.errors import DataError
+from gpt.data.shards import HEADER_SIZE, read_header
 
 MODES = ("random", "sequential")
 STATE_VERSION = 1
@@ -40,7 +40,7 @@ class BatchLoader:
     """Yields ``(x, y)`` int64 arrays of shape (batch_size, block_size), forever.
 
     Args:
-        source: a shard path (see `gpt.shards`) or a 1-D integer array of token ids.
+        source: a shard path (see `gpt.data.shards`) or a 1-D integer array of token ids.
         batch_size: rows per batch.
         block_size: tokens per row (the model's context length).
         seed: the random-mode seed (ignored by sequential mode, kept in the state).

@@ -52,8 +52,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
-from gpt.corpus import Document
-from gpt.errors import DataError, build_config
+from gpt.data.corpus import Document
+from gpt.data.errors import DataError, build_config
 
 # Unicode category Cc is exactly U+0000-U+001F and U+007F-U+009F; keep \t (09) and \n (0A).
 # \r (0D) never reaches this pattern: line endings are normalised first.
@@ -274,7 +274,7 @@ def clean_cli_options() -> dict:
         def parse(text, name=f.name):
             value = parse_threshold(name, text)
             # "none" stays a string: the CLI reads an option's None as "not given"; prepare
-            # turns it into None (`parse_threshold` again, in gpt.prepare.options_from_flat)
+            # turns it into None (`parse_threshold` again, in gpt.data.prepare.options_from_flat)
             return "none" if value is None else value
 
         parse.__name__ = "integer (or none)" if kind is int else "fraction (or none)"
