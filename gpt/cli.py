@@ -11,52 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = "data/stdlib"
+from .config import DEFAULT_DATA, train_specs
 
-# option -> (type, help); names follow nanoGPT's
-TRAIN_OPTIONS = {
-    "data": (str, f"prepared data folder (default {DEFAULT_DATA}: the Python standard library, "
-                  "prepared on first use; with --resume, the run's own data)"),
-    "out": (str, "run folder for checkpoints, log.jsonl, loss.png (default runs/gpt)"),
-    "preset": (str, "model size: tiny | small | medium (default tiny)"),
-    "n_layer": (int, "transformer blocks"),
-    "n_head": (int, "attention heads"),
-    "d_model": (int, "width of the residual stream"),
-    "block_size": (int, "context length in tokens"),
-    "dropout": (float, "dropout probability (default 0)"),
-    "positional": (str, "learned | sinusoidal | rope (default learned)"),
-    "batch_size": (int, "sequences per micro-batch (default 16)"),
-    "grad_accum": (int, "micro-batches per optimizer step (default 1)"),
-    "max_steps": (int, "optimizer steps (default 2000)"),
-    "lr": (float, "peak learning rate (default 2e-3)"),
-    "min_lr": (float, "final learning rate of the cosine decay (default 2e-4)"),
-    "warmup_steps": (int, "linear warmup steps (default min(50, max_steps / 10))"),
-    "weight_decay": (float, "AdamW decoupled weight decay on matrices (default 0.1)"),
-    "beta1": (float, "AdamW beta1 (default 0.9)"),
-    "beta2": (float, "AdamW beta2 (default 0.95)"),
-    "grad_clip": (float, "clip the global gradient norm to this, 0 = off (default 1.0)"),
-    "eval_interval": (int, "steps between evaluations and checkpoints (default 500)"),
-    "eval_steps": (int, "validation batches per evaluation (default 20)"),
-    "log_interval": (int, "steps between log records (default 10)"),
-    "ckpt_interval": (int, "steps between checkpoints (default: every evaluation)"),
-    "ckpt_minutes": (float, "also save ckpt/latest every this many minutes, so a killed run "
-                            "loses minutes, not the run; 0 = off (default 5)"),
-    "seed": (int, "random seed (default 1337)"),
-    "device": (str, "cpu | cuda | cuda:N (default cpu)"),
-    "dtype": (str, "float32 | float64 (default float32; float16 training is not supported)"),
-    "samples": (int, "samples printed at the end (default 3)"),
-    "sample_tokens": (int, "tokens per sample (default 120)"),
-}
-TRAIN_FLAGS = {
-    "resume": "continue from the latest checkpoint in --out, exactly",
-    "overwrite": "replace the run already in --out (its checkpoints, log and plots are deleted "
-                 "when training starts)",
-    "skip_nonfinite": "skip steps whose loss is inf/nan instead of stopping",
-    "no_bias": "no biases in linear layers and norms",
-    "post_ln": "post-LN blocks (LayerNorm(x + Sublayer(x)), the original transformer)",
-    "untied": "a separate LM head instead of the token embedding's matrix",
-    "no_progress": "no progress bar",
-}
+# `train`'s options come from the config dataclasses (gpt.config): option -> (type, help) for
+# values, switch -> help for booleans, switch -> (field, value it sets)
+_TRAIN_SPECS = train_specs()
+TRAIN_OPTIONS = {s.name: (s.type, s.help) for s in _TRAIN_SPECS if s.type is not bool}
+TRAIN_FLAGS = {s.flag: s.help for s in _TRAIN_SPECS if s.type is bool}
+_FLAG_SETS = {s.flag: (s.name, not s.default) for s in _TRAIN_SPECS if s.type is bool}
 
 
 class UsageError(Exception):
@@ -105,16 +67,14 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
 
 
 def _train_config(args):
-    from .train import TrainConfig
-    d = _merge(args, TRAIN_OPTIONS, TRAIN_FLAGS, "train")
-    if d.pop("no_bias", False):
-        d["bias"] = False
-    if d.pop("post_ln", False):
-        d["norm_first"] = False
-    if d.pop("untied", False):
-        d["tie_weights"] = False
-    if d.pop("no_progress", False):
-        d["progress"] = False
+    """TrainConfig from --config and the command line; a switch (--no-bias) or its TOML key
+    (no_bias = true) sets its field (bias = False); TOML may also name the field itself."""
+    from .config import TrainConfig
+    d = _merge(args, {**TRAIN_OPTIONS, **{f: None for f, _ in _FLAG_SETS.values()}},
+               TRAIN_FLAGS, "train")
+    for flag, (name, value) in _FLAG_SETS.items():
+        if flag != name and d.pop(flag, False):
+            d[name] = value
     return TrainConfig.from_dict(d)
 
 
@@ -314,18 +274,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    """Run bench/gpt_bench.py from the source checkout this package was installed from."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "gpt_bench.py").is_file():
-        raise UsageError(f"the benchmark lives in the source tree's bench/ folder, not found "
-                         f"next to {root / 'gpt'}: install from a checkout (pip install -e .)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.gpt_bench import main as bench_main
-    return bench_main(args.bench_args)
-
-
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
@@ -343,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the tiny preset, a few minutes on a laptop CPU)")
     for k, (t, h) in TRAIN_OPTIONS.items():
         pt.add_argument(_opt(k), dest=k, type=t, default=None, help=h)
-    for k, h in TRAIN_FLAGS.items():
-        pt.add_argument(_opt(k), dest=k, action="store_true", help=h)
+    for k, h in TRAIN_FLAGS.items():   # None when absent, so a TOML value is not overridden
+        pt.add_argument(_opt(k), dest=k, action="store_const", const=True, default=None, help=h)
     pt.add_argument("--config", help="TOML file with options (a [train] table or top level)")
     pt.set_defaults(func=cmd_train)
 
@@ -371,11 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
             ps.add_argument("--eval-steps", type=int, default=None,
                             help="batches (default: the whole validation split)")
             ps.set_defaults(func=cmd_eval)
-
-    pb = sub.add_parser("bench", help="training and generation speed vs PyTorch (bench/); "
-                                      "its options: tensorlite-gpt bench --help",
-                        add_help=False)
-    pb.set_defaults(func=cmd_bench, bench_args=[])
     return p
 
 
@@ -387,11 +330,7 @@ def main(argv=None) -> int:
     from .train import TrainingError
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark's parser
-        args = parser.parse_args(["bench"])
-        args.bench_args = argv[1:]
-    else:
-        args = parser.parse_args(argv)
+    args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

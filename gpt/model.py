@@ -25,19 +25,26 @@ class ConfigError(ValueError):
     """A model configuration the user can fix (the CLI prints it as one line)."""
 
 
+def _opt(default, help, **more):
+    """A field with the help text the CLI shows for it (gpt.config derives the options)."""
+    return field(default=default, metadata={"help": help, **more})
+
+
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4096
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    norm_first: bool = True
-    positional: str = "learned"
-    tie_weights: bool = True
-    extra: dict = field(default_factory=dict)
+    vocab_size: int = _opt(4096, "tokens in the vocabulary (from the tokenizer)", cli=False)
+    block_size: int = _opt(128, "context length in tokens")
+    n_layer: int = _opt(4, "transformer blocks")
+    n_head: int = _opt(4, "attention heads")
+    d_model: int = _opt(128, "width of the residual stream")
+    dropout: float = _opt(0.0, "dropout probability")
+    bias: bool = _opt(True, "no biases in linear layers and norms", flag="no_bias")
+    norm_first: bool = _opt(True, "post-LN blocks (LayerNorm(x + Sublayer(x)), the original "
+                                  "transformer) instead of pre-LN (GPT-2)", flag="post_ln")
+    positional: str = _opt("learned", " | ".join(POSITIONAL))
+    tie_weights: bool = _opt(True, "a separate LM head instead of the token embedding's "
+                                   "matrix", flag="untied")
+    extra: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -53,7 +60,7 @@ class GPTConfig:
         if self.positional == "rope" and (self.d_model // self.n_head) % 2:
             raise ConfigError(f"GPTConfig: rope needs an even head size, got "
                               f"{self.d_model // self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
@@ -136,7 +143,11 @@ class GPT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, idx, targets=None, kv_caches=None):
         """idx: (B, T) token ids -> logits (B, T, V), and with targets (B, T) the mean
-        cross-entropy. kv_caches: one nn.KVCache per block, for incremental decoding."""
+        cross-entropy. kv_caches: one nn.KVCache per block (``new_kv_caches()``), for
+        incremental decoding under tl.no_grad(): the T new positions follow the cached ones."""
+        if kv_caches is not None and len(kv_caches) != len(self.blocks):
+            raise ValueError(f"GPT: {len(kv_caches)} KV caches for {len(self.blocks)} blocks; "
+                             f"make them with new_kv_caches()")
         if not isinstance(idx, Tensor):
             idx = tl.tensor(np.asarray(idx), device=self.wte.weight.device)
         if idx.ndim != 2:
@@ -162,6 +173,7 @@ class GPT(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------
     def new_kv_caches(self):
+        """One empty nn.KVCache per block, each for up to block_size positions."""
         return [nn.KVCache(self.config.block_size) for _ in self.blocks]
 
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0,

@@ -13,6 +13,7 @@ so a resumed run logs the same losses step for step as one that was never interr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,121 +34,14 @@ from nn.schedule import warmup_cosine
 
 from .data.errors import DataError
 from .data.loader import BatchLoader
-from .model import GPT, ConfigError, GPTConfig, PRESETS
+from .config import ParallelConfig, TrainConfig  # noqa: F401 (re-exported)
+from .model import GPT, ConfigError, GPTConfig
 
 LOG_NAME = "log.jsonl"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, say); the message says why and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    data: str = "data/stdlib"          # a prepared data folder (see gpt.data.prepare)
-    out: str = "runs/gpt"
-    preset: str = "tiny"
-    n_layer: int | None = None
-    n_head: int | None = None
-    d_model: int | None = None
-    block_size: int | None = None
-    dropout: float = 0.0
-    bias: bool = True
-    norm_first: bool = True
-    positional: str = "learned"
-    tie_weights: bool = True
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int | None = None    # default: min(50, max_steps // 10)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 500
-    eval_steps: int = 20
-    log_interval: int = 10
-    ckpt_interval: int | None = None   # default: every eval
-    seed: int = 1337
-    device: str = "cpu"
-    dtype: str = "float32"
-    resume: bool = False
-    overwrite: bool = False            # replace a run already in `out`
-    ckpt_minutes: float = 5.0          # also save ckpt/latest this often (0 = only by steps)
-    skip_nonfinite: bool = False
-    samples: int = 3
-    sample_tokens: int = 120
-    progress: bool = True
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        base = dict(PRESETS[self.preset])
-        for k in ("n_layer", "n_head", "d_model", "block_size"):
-            if getattr(self, k) is not None:
-                base[k] = getattr(self, k)
-        return GPTConfig(vocab_size=vocab_size, dropout=self.dropout, bias=self.bias,
-                         norm_first=self.norm_first, positional=self.positional,
-                         tie_weights=self.tie_weights, **base)
-
-    def validate(self):
-        ints = dict(batch_size=1, grad_accum=1, max_steps=1, eval_interval=1, eval_steps=1,
-                    log_interval=1, ckpt_interval=1, samples=0, sample_tokens=0, seed=0)
-        for k, lo in ints.items():
-            v = getattr(self, k)
-            if k == "ckpt_interval" and v is None:
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ConfigError(f"{_opt(k)} must be an integer >= {lo}, got {v!r}")
-        for k in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dropout",
-                  "ckpt_minutes"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{_opt(k)} must be a finite number, got {v!r}")
-        for k in ("weight_decay", "grad_clip", "ckpt_minutes"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{_opt(k)} must be >= 0 (0 turns it off), got {getattr(self, k)}")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: --resume continues "
-                              "the run in --out, --overwrite replaces it; pass one")
-        if self.warmup_steps is None:
-            self.warmup_steps = min(50, self.max_steps // 10)
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ConfigError(f"--warmup-steps {self.warmup_steps} must be between 0 and "
-                              f"--max-steps {self.max_steps}")
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}) and lr > 0")
-        for k in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, k) < 1.0:
-                raise ConfigError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.dtype == "float16":
-            raise ConfigError("--dtype float16 is not supported for training: float16 weights and "
-                              "AdamW moments underflow and the loss diverges at the first step "
-                              "(mixed precision with float32 master weights and loss scaling is "
-                              "not built yet); use --dtype float32")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        try:
-            kind = tl.backend.parse_device(self.device)[0]
-        except ValueError as e:
-            raise ConfigError(f"--device {self.device!r}: {e}") from None
-        if kind == "cuda" and not tl.cuda_available():
-            raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
-                              "use --device cpu")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}")
-        return cls(**d)
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -473,7 +367,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.meta, self.tokenizer, train_path, val_path = load_prepared(cfg.data)
         vocab = self.tokenizer.vocab_size
-        self.model_cfg = cfg.model_config(vocab)
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         check_memory(self.model_cfg, cfg)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)

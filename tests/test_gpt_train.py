@@ -38,7 +38,7 @@ def small_cfg(data_dir, out, **kw):
              batch_size=4, warmup_steps=3, eval_steps=2, samples=0, progress=False,
              max_steps=12, eval_interval=4, log_interval=1)
     d.update(kw)
-    return TrainConfig(**d)
+    return TrainConfig.from_dict(d)
 
 
 def _losses(out):
