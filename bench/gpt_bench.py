@@ -254,6 +254,9 @@ def worker(job: dict) -> dict:
     else:
         r = run_gen(lib, cfg, threads)
     r.update(job, peak_rss_mb=peak_rss_mb())
+    if lib == "tensorlite":  # what its first op set process-wide (BLAS threads, malloc)
+        import tensorlite as tl
+        r["tensorlite_cpu"] = tl.cpu.configure()
     if kind == "train":     # after the run, so it cannot change its RSS or its warm caches
         r["gemm_gflops"] = gemm_peak(sizes=(1024,), reps=5)["peak"]
     return r
@@ -286,11 +289,15 @@ def code_version() -> str:
     return head + (" + uncommitted changes in tensorlite/nn/gpt" if dirty else "")
 
 
-def worker_env(unset_openblas: bool, threads: int | None = None) -> dict:
+def worker_env(unset_openblas: bool, threads: int | None = None, lib: str | None = None) -> dict:
+    """The environment of a run. ``--threads N`` goes to the BLAS/OpenMP variables (torch's
+    OpenMP pool; the info run's BLAS), except in a tensorlite run: there it sizes tensorlite's
+    own pool only, and tensorlite puts NumPy's BLAS on one thread itself, as it does for its
+    users (a BLAS variable would count as the user's choice and keep BLAS's own threads)."""
     env = dict(os.environ)
     if threads:
-        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                  "TENSORLITE_NUM_THREADS"):
+        names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        for k in ("TENSORLITE_NUM_THREADS",) + (() if lib == "tensorlite" else names):
             env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if unset_openblas:
@@ -444,8 +451,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:         # `tensorlite-gpt bench -- --config tiny` passes the "--" on
-        argv = argv[1:]
     try:
         args = parse_args(argv)
     except SystemExit as e:        # --help, or a usage error (argparse printed it)
@@ -455,6 +460,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
     env = worker_env(args.unset_openblas_env, args.threads)
+    tl_env = worker_env(args.unset_openblas_env, args.threads, lib="tensorlite")
     try:
         info = run_job({"kind": "info"}, env)
         other = None
@@ -493,7 +499,7 @@ def main(argv=None) -> int:
             wait_for_quiet(CONTENDED, max_wait=args.wait_quiet)
         t0 = time.perf_counter()
         try:
-            r = run_job(job, env)
+            r = run_job(job, tl_env if job["lib"] == "tensorlite" else env)
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1

@@ -1,4 +1,4 @@
-"""tensorlite-gpt: prepare | train | sample | eval | bench.
+"""tensorlite-gpt: prepare | train | sample | eval.
 
 A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
@@ -49,6 +49,12 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
     out = {}
     if getattr(args, "config", None):
         d = _load_toml(args.config)
+        tables = sorted(k for k, v in d.items() if isinstance(v, dict))
+        unknown_tables = [t for t in tables if t not in ("train", "prepare")]
+        if unknown_tables:
+            raise UsageError(f"config file {args.config}: unknown table(s) "
+                             f"{['[' + t + ']' for t in unknown_tables]}; use [train] or "
+                             "[prepare] (or top-level keys)")
         d = {**{k: v for k, v in d.items() if not isinstance(v, dict)}, **d.get(section, {})}
         known = set(fields) | set(flags)
         unknown = sorted(set(d) - known)
@@ -66,16 +72,32 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
     return out
 
 
-def _train_config(args):
-    """TrainConfig from --config and the command line; a switch (--no-bias) or its TOML key
-    (no_bias = true) sets its field (bias = False); TOML may also name the field itself."""
-    from .config import TrainConfig
+def _train_options(args) -> dict:
+    """The training options given (--config, then the command line), as field -> value; a
+    switch (--no-bias) or its TOML key (no_bias = true) sets its field (bias = False), and
+    TOML may also name the field itself. TOML values must have the option's type."""
     d = _merge(args, {**TRAIN_OPTIONS, **{f: None for f, _ in _FLAG_SETS.values()}},
                TRAIN_FLAGS, "train")
+    types = {**{k: t for k, (t, _) in TRAIN_OPTIONS.items()},
+             **{k: bool for k in TRAIN_FLAGS}, **{f: bool for f, _ in _FLAG_SETS.values()}}
+    for k, v in d.items():
+        t = types[k]
+        ok = (isinstance(v, bool) if t is bool else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if t is float else
+              isinstance(v, t) and not isinstance(v, bool))
+        if not ok:
+            raise UsageError(f"config file {args.config}: {k} = {v!r} must be "
+                             f"{'true or false' if t is bool else 'a number' if t is float else 'an integer' if t is int else 'a string'}")
     for flag, (name, value) in _FLAG_SETS.items():
-        if flag != name and d.pop(flag, False):
-            d[name] = value
-    return TrainConfig.from_dict(d)
+        if flag != name and flag in d:
+            if d.pop(flag):
+                d[name] = value
+    return d
+
+
+def _train_config(args):
+    from .config import TrainConfig
+    return TrainConfig.from_dict(_train_options(args))
 
 
 # ------------------------------------------------------------------------------ commands
@@ -140,17 +162,25 @@ def ensure_default_data(data: str, say=print) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import check_out, run_data, train
-    cfg = _train_config(args)
+    from .config import TrainConfig
+    from .train import check_out, run_train_config, train
+    given = _train_options(args)
+    cfg = TrainConfig.from_dict(given)
     cfg.validate()
     check_out(cfg)                  # before preparing anything: the run in --out is safe
-    data_given = "data" in _merge(args, TRAIN_OPTIONS, TRAIN_FLAGS, "train")
-    if not data_given and cfg.resume and run_data(cfg.out):
-        cfg.data = run_data(cfg.out)      # --resume continues on the run's own data
+    saved = run_train_config(cfg.out) if cfg.resume else None
+    if saved:
+        # --resume continues the run as it was started (its data, model, schedule); options
+        # given now override, and are named
+        cfg, changed = TrainConfig.for_resume(saved, given)
+        cfg.validate()
+        if changed:
+            print("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
+                                               for k, (was, now) in changed.items()))
     ensure_default_data(cfg.data)
     summary = train(cfg)
     if summary["interrupted"]:
-        return 130
+        return 143 if summary["interrupted"] == "SIGTERM" else 130
     best = summary["best_val_loss"]
     print(f"\ndone: step {summary['step']}, best validation loss "
           f"{'none' if best == float('inf') else f'{best:.4f}'} "
@@ -277,7 +307,7 @@ def cmd_eval(args) -> int:
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval}")
 
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():

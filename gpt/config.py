@@ -129,6 +129,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_resume(cls, saved: dict, given: dict) -> tuple["TrainConfig", dict]:
+        """The config of a resumed run: the options it was started with (``saved``, from its
+        checkpoint), overridden by those given now. Returns it and ``{option: (was, now)}``
+        for what the given options change, so the caller can say so."""
+        base = _flat(saved)
+        for k in ("resume", "overwrite", "progress"):   # how to run now, not what the run is
+            base.pop(k, None)
+        changed = {k: (base[k], v) for k, v in given.items()
+                   if k in base and base[k] != v and k not in ("resume", "overwrite")}
+        return cls.from_dict({**base, **given, "resume": True}), changed
+
     # -- checking one ----------------------------------------------------------------------
     def validate(self) -> None:
         """Every value in range, before anything is read or written (the CLI prints the
@@ -181,6 +193,18 @@ class TrainConfig:
             raise ConfigError(f"--batch-size {self.batch_size} is the global micro-batch, split "
                               f"over --dp {self.parallel.dp} ranks: pick a multiple of "
                               f"{self.parallel.dp}")
+
+
+def _flat(saved: dict) -> dict:
+    """A saved train_config (nested, or flat as written before the model config was nested)
+    as one flat dict of option values."""
+    flat = {k: v for k, v in saved.items() if k not in ("model", "parallel")}
+    for part in ("model", "parallel"):
+        flat.update(saved.get(part) or {})
+    for k in ("vocab_size", "extra"):
+        flat.pop(k, None)
+    return {k: v for k, v in flat.items() if v is not None or k in ("warmup_steps",
+                                                                     "ckpt_interval")}
 
 
 # ------------------------------------------------------------------------------ CLI specs

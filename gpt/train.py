@@ -140,7 +140,7 @@ class _Log:
             # a resumed run rewrites the steps after its checkpoint, so the log reads as
             # one uninterrupted run
             keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", -1) < truncate_from_step]
+                    if ln.strip() and json.loads(ln).get("step", -1) <= truncate_from_step]
             path.write_text("".join(k + "\n" for k in keep))
         elif truncate_from_step is None:
             path.write_text("")
@@ -213,14 +213,14 @@ def resumable(out: str | os.PathLike) -> bool:
     return False
 
 
-def run_data(out: str | os.PathLike) -> str | None:
-    """The --data a run in ``out`` was trained on (from its checkpoint), or None."""
+def run_train_config(out: str | os.PathLike) -> dict | None:
+    """The training options a run in ``out`` was started with (from its checkpoint), or None."""
     for which in ("latest", "best"):
         try:
             meta = ckpt.load_checkpoint(Path(out) / "ckpt" / which)   # meta.json only
         except ckpt.CheckpointError:
             continue
-        return ((meta.get("extra") or {}).get("train_config") or {}).get("data")
+        return (meta.get("extra") or {}).get("train_config")
     return None
 
 
@@ -240,13 +240,17 @@ def check_out(cfg: TrainConfig) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {out}: no permission to write in {parent}; choose a folder "
                             "you can write")
+    if (out / "meta.json").is_file() and (out / "train.bin").exists():
+        raise TrainingError(f"--out {out} is a prepared data folder (it holds meta.json and "
+                            "train.bin), not a run: pass it as --data, and choose another --out "
+                            "for the run")
     status = run_status(out) if out.is_dir() else None
     if status is None or cfg.overwrite:
         return
+    if not resumable(out):
+        raise TrainingError(f"{out} holds {status}: there is nothing to resume from; pass "
+                            "--overwrite to start that run again, or another --out")
     if cfg.resume:
-        if not resumable(out):
-            raise TrainingError(f"--resume: {out} holds {status}: there is nothing to resume "
-                                "from; pass --overwrite to start that run again, or another --out")
         return
     raise TrainingError(f"{out} already holds a run ({status}): pass --resume to continue it, "
                         "--overwrite to replace it, or another --out")
@@ -264,27 +268,31 @@ def _writing(path):
 
 
 class _Interrupts:
-    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, where the state is
-    whole, so the checkpoint taken there resumes exactly; a second Ctrl-C stops at once,
-    without saving (the last checkpoint stays). Only the main thread receives signals."""
+    """Ctrl-C (SIGINT) or SIGTERM (what `timeout`, schedulers and `docker stop` send) asks the
+    loop to stop at the next step boundary, where the state is whole, so the checkpoint taken
+    there resumes exactly; a second one stops at once, without saving (the last checkpoint
+    stays). Only the main thread receives signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._prev = None
+        self.signum = None
+        self._prev = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handler)
+            self._prev = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for s, prev in self._prev.items():
+            signal.signal(s, prev)
         return False
 
 
@@ -381,6 +389,7 @@ class Trainer:
         self.best_val = float("inf")
         self.baseline = None
         self.last_ckpt: Path | None = None     # this run's newest checkpoint
+        self.saved_step: int | None = None     # and its step
         # --resume: everything is read and checked here, before run() writes anything
         self.resumed_from = self._resume() if cfg.resume else None
 
@@ -389,7 +398,8 @@ class Trainer:
         return {"step": self.step, "best_val": self.best_val,
                 "loader": self.train_loader.state_dict(),
                 "rng": tl.default_generator.get_state(),
-                "train_config": asdict(self.cfg), "data_meta": self.meta}
+                "train_config": {**asdict(self.cfg), "data": os.path.abspath(self.cfg.data)},
+                "data_meta": self.meta}
 
     def save(self, name: str) -> Path:
         path = self.out / "ckpt" / name
@@ -397,7 +407,7 @@ class Trainer:
             ckpt.save_checkpoint(path, model=self.model, optimizer=self.opt,
                                  config=self.model_cfg.to_dict(), extra=json_safe(self._state()))
         if name == "latest":
-            self.last_ckpt = path
+            self.last_ckpt, self.saved_step = path, self.step
         return path
 
     def _resume(self) -> Path | None:
@@ -417,17 +427,26 @@ class Trainer:
             self._check_same_run(path, meta)
             meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
             extra = meta["extra"]
+            was = (extra.get("loader") or {}).get("batch_size")
+            if was is not None and was != self.cfg.batch_size:
+                raise ConfigError(f"--resume: the run was trained with --batch-size {was}, not "
+                                  f"{self.cfg.batch_size}; resume with --batch-size {was} (the "
+                                  "order of the data depends on it)")
             try:
                 self.train_loader.load_state_dict(extra["loader"])
             except DataError as e:
                 raise ConfigError(f"--resume: {e}") from None
             self.step = int(extra["step"])
+            if self.step >= self.cfg.max_steps:
+                raise ConfigError(f"--resume: the run in {self.out} is at step {self.step} and "
+                                  f"--max-steps is {self.cfg.max_steps}: nothing to train; pass a "
+                                  "larger --max-steps to continue it")
             best = extra.get("best_val")
             self.best_val = float("inf") if best is None else float(best)
             tl.default_generator.set_state(extra["rng"])
             if damaged:
                 self.say(f"warning: {damaged[0]}\nresuming from {path} (step {self.step}) instead")
-            self.last_ckpt = path
+            self.last_ckpt, self.saved_step = path, self.step
             return path
         if damaged:
             raise TrainingError("--resume: " + " ".join(damaged))
@@ -536,7 +555,7 @@ class Trainer:
                         if not cfg.skip_nonfinite:
                             stopped = self._nonfinite_message(loss)
                             break
-                        log.write({"step": self.step, "skipped": True, "loss": None})
+                        log.write({"step": self.step + 1, "skipped": True, "loss": None})
                     self.step += 1
                     window_tokens += tokens_per_step
                     lr = self.opt.param_groups[0]["lr"]
@@ -546,7 +565,7 @@ class Trainer:
                         mfu, capped = peak.mfu(tps * self.model.flops_per_token())
                         t_last, window_tokens = time.perf_counter(), 0
                         if math.isfinite(loss):
-                            rec = {"step": self.step - 1, "loss": round(loss, 6), "lr": lr,
+                            rec = {"step": self.step, "loss": round(loss, 6), "lr": lr,
                                    "grad_norm": round(norm, 5), "tokens_per_s": round(tps, 1),
                                    "mfu": round(mfu, 4)}
                             log.write({**rec, "mfu_capped": True} if capped else rec)
@@ -555,19 +574,22 @@ class Trainer:
                     bar.update(1)
                     evaluated = saved = False
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                        self._evaluate(log)
+                        val = self._evaluate(log)
                         peak.refresh()
                         evaluated = True
+                        if not math.isfinite(val):   # weights that blew up are not saved
+                            stopped = self._nonfinite_message(val, "validation loss")
+                            break
                     if (self.step % ckpt_every == 0 or self.step == cfg.max_steps or (
                             cfg.ckpt_minutes and time.monotonic() - last_save
                             >= 60 * cfg.ckpt_minutes)):
                         self.save("latest")
                         last_save, saved = time.monotonic(), True
                     if ctrl_c.requested and self.step < cfg.max_steps:
-                        interrupted = True
+                        interrupted = signal.Signals(ctrl_c.signum).name
                         if not saved:
                             self.save("latest")
-                        self.say(f"\ninterrupted: saved step {self.step} to "
+                        self.say(f"\ninterrupted ({interrupted}): saved step {self.step} to "
                                  f"{self.out / 'ckpt' / 'latest'}; continue with --resume")
                         break
                     if evaluated or saved:
@@ -575,32 +597,34 @@ class Trainer:
         except KeyboardInterrupt:
             # a second Ctrl-C (or one outside the main thread): the step was cut short, so its
             # state is not saved; the last checkpoint is a whole step
-            interrupted = True
+            interrupted = "SIGINT"
             self.say("\nstopped without saving: " + (
                 f"the last checkpoint is {self.last_ckpt}; continue from it with --resume"
                 if self.last_ckpt else "no checkpoint of this run exists yet"))
         finally:
             bar.close()
             log.close()
-        if stopped:
-            raise TrainingError(stopped)
-        summary = {"step": self.step, "best_val_loss": self.best_val,
-                   "unigram_baseline": self.baseline, "interrupted": interrupted,
-                   "out": str(self.out)}
+        summary = {"step": self.step, "checkpoint_step": self.saved_step,
+                   "best_val_loss": self.best_val, "unigram_baseline": self.baseline,
+                   "interrupted": interrupted, "stopped": stopped, "out": str(self.out)}
         with _writing(self.out / "summary.json"):
             _atomic_json(self.out / "summary.json", json_safe(summary))
+        if stopped:
+            raise TrainingError(stopped)
         return summary
 
-    def _nonfinite_message(self, loss: float) -> str:
-        where = (f"the last good checkpoint of this run is {self.last_ckpt}" if self.last_ckpt
-                 else "no checkpoint of this run exists yet")
-        return (f"non-finite loss ({loss}) at step {self.step}: stopping; {where} (lower --lr, "
-                "or pass --skip-nonfinite to skip such steps)")
+    def _nonfinite_message(self, loss: float, what: str = "loss") -> str:
+        where = (f"the last good checkpoint of this run is {self.last_ckpt} (step "
+                 f"{self.saved_step})" if self.last_ckpt else "no checkpoint of this run exists yet")
+        skip = ", or pass --skip-nonfinite to skip such steps" if what == "loss" else ""
+        return f"non-finite {what} ({loss}) at step {self.step}: stopping; {where} (lower --lr{skip})"
 
-    def _evaluate(self, log: _Log) -> None:
+    def _evaluate(self, log: _Log) -> float:
         val = evaluate(self.model, self.val_loader, self.eval_steps)
-        log.write({"step": self.step - 1, "val_loss": round(val, 6),
+        log.write({"step": self.step, "val_loss": round(val, 6),
                    "val_ppl": round(math.exp(min(val, 50)), 3)})
+        if not math.isfinite(val):
+            return val
         if val < self.best_val:
             self.best_val = val
             self.save("best")
@@ -608,6 +632,7 @@ class Trainer:
             plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
         self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
                  f"{math.exp(min(val, 50)):.1f}; unigram baseline {self.baseline:.3f})")
+        return val
 
     def sample(self, n: int, max_new_tokens: int, temperature=0.8, top_k=None, seed=0) -> list:
         """``n`` continuations of the start of validation documents."""

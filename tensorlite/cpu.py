@@ -16,9 +16,15 @@ cross-entropy) run over blocks of rows small enough that a block's temporaries s
 L2 cache, and large enough that NumPy's per-call overhead (microseconds per ufunc) stays
 small: 32K, 64K, 128K and 256K elements per block gave 29.3k, 32.7k, 33.5k and 33-35k
 tokens/s on the tiny GPT (2 cores; 512K and 1M were no better). ``set_num_threads(n)`` sets
-the number of threads (default: the usable cores). A ``fork`` child (multiprocessing's
-default start method on Linux before Python 3.14) makes a fresh pool on first use.
+the number of threads (default: the usable cores, shared among the MPI ranks on this machine:
+see ``_default_threads``). A ``fork`` child (multiprocessing's default start method on Linux
+before Python 3.14) makes a fresh pool on first use.
 On CuPy data none of this applies: the kernel runs once on the whole array.
+
+Importing tensorlite changes nothing process-wide. Two process-wide settings that this CPU
+path needs (single-threaded BLAS, glibc's malloc reusing freed memory) are applied once, by
+``configure()``: the first time tensorlite runs an op here, or earlier when the program calls
+it. A setting the user made first wins (see ``configure``).
 """
 from __future__ import annotations
 
@@ -40,35 +46,56 @@ MIN_PARALLEL_ELEMS = 64 * 1024   # below this, threads cost more than they save
 MIN_PARALLEL_FLOPS = 4e6
 MIN_PARALLEL_FLOPS_FEW_ROWS = 5e5
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3        # glibc's mallopt parameters
+_MALLOC_SETTINGS = (                                    # (parameter, value, the user's knobs)
+    (_M_MMAP_THRESHOLD, 32 * 1024 * 1024, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    (_M_TRIM_THRESHOLD, 256 * 1024 * 1024, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+)
+# variables by which a user sets BLAS threads: if one is set, tensorlite leaves BLAS alone
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS",
+                    "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+# how launchers tell a process how many ranks of its job run on its machine (checked in order)
+LOCAL_RANK_VARS = ("MPI_LOCALNRANKS",             # MPICH / Intel MPI (Hydra mpiexec)
+                   "OMPI_COMM_WORLD_LOCAL_SIZE",  # Open MPI's mpirun / mpiexec
+                   "SLURM_STEP_TASKS_PER_NODE")   # Slurm's srun, e.g. "4" or "4(x2),3"
+
+
 def _tune_malloc() -> bool:
     """Let glibc reuse freed memory for arrays up to 32 MB instead of returning it to the OS.
 
     By default glibc serves every allocation over 128 KB-32 MB with a fresh mmap and unmaps
     it on free, so each activation or gradient array of a training step page-faults its
     memory in again (the kernel zeroes every 4 KB page). Measured here: 10-30 % of a step
-    on the small GPT. Opt out with TENSORLITE_NO_MALLOPT=1.
+    on the small GPT. Opt out with TENSORLITE_NO_MALLOPT=1; a threshold the user set through
+    glibc's own variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) is
+    left as the user set it. True if anything was set.
     """
     if os.environ.get("TENSORLITE_NO_MALLOPT") or not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        ok &= libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
-        return bool(ok)
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        done = False
+        for param, value, env, tunable in _MALLOC_SETTINGS:
+            if env in os.environ or tunable in tunables:
+                continue
+            done |= bool(libc.mallopt(param, value))
+        return done
     except (OSError, AttributeError):  # not glibc
         return False
 
 
-MALLOC_TUNED = _tune_malloc()
-
 _lock = threading.Lock()
+_config_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _num_threads: int | None = None
 _blas = None
 _blas_checked = False
 _local = threading.local()
+_configured = False
+MALLOC_TUNED = False            # what configure() did (both stay False until it has run)
+BLAS_SINGLE_THREADED = False
 
 
 def _reset_after_fork() -> None:
@@ -76,8 +103,9 @@ def _reset_after_fork() -> None:
     the pool's workers are gone while the executor still counts them as idle; a task submitted
     to it would wait forever (as would a lock some other thread held at the fork). A new pool
     is made on first use, as PyTorch and OpenBLAS do for theirs."""
-    global _lock, _pool, _local
+    global _lock, _config_lock, _pool, _local
     _lock = threading.Lock()
+    _config_lock = threading.Lock()
     _pool = None
     _local = threading.local()
 
@@ -86,14 +114,51 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _default_threads() -> int:
-    env = os.environ.get("TENSORLITE_NUM_THREADS")
-    if env:
-        return max(1, int(env))
+def local_ranks() -> int:
+    """How many ranks of this process's parallel job run on this machine, from what the
+    launcher puts in the environment (``LOCAL_RANK_VARS``; 1 when not launched as a job).
+    Read from the environment only: tensorlite never imports MPI."""
+    for var in LOCAL_RANK_VARS:
+        value = os.environ.get(var, "").strip()
+        if not value:
+            continue
+        counts = []        # Slurm: per node, "2(x3),1" = 2, 2, 2, 1
+        for item in value.split(","):
+            n, _, rep = item.partition("(x")
+            try:
+                counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+            except ValueError:
+                counts = []
+                break
+        if not counts:
+            continue
+        node = os.environ.get("SLURM_NODEID", "")
+        n = counts[int(node)] if len(counts) > 1 and node.isdigit() and int(node) < len(counts) \
+            else max(counts)
+        if n >= 1:
+            return n
+    return 1
+
+
+def _usable_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _default_threads() -> int:
+    """TENSORLITE_NUM_THREADS, else the usable cores (the affinity mask) shared among the ranks
+    of one job on this machine: each of N local ranks takes cores // N (at least 1). When the
+    launcher already pinned each rank to its own share (the mask holds at most the machine's
+    cores // N, as with srun's or ``mpiexec --bind-to core``'s binding), the mask is the share."""
+    env = os.environ.get("TENSORLITE_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    cores, ranks = _usable_cores(), local_ranks()
+    if ranks > 1 and cores > (os.cpu_count() or cores) // ranks:
+        return max(1, cores // ranks)
+    return cores
 
 
 def get_num_threads() -> int:
@@ -104,7 +169,8 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads tensorlite uses for CPU work (as ``torch.set_num_threads``)."""
+    """Threads tensorlite uses for CPU work (as ``torch.set_num_threads``); wins over
+    TENSORLITE_NUM_THREADS and over the default."""
     global _num_threads, _pool
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: need an int >= 1, got {n!r}")
@@ -162,8 +228,28 @@ def single_threaded_blas():
     return blas_threads(1)
 
 
+def _blas_default_threads(lib) -> int:
+    """The threads a BLAS library picks by itself: OpenBLAS takes the cores it found at load
+    time, up to its build's MAX_THREADS; other libraries, the usable cores."""
+    import ctypes
+    cores = _usable_cores()
+    if getattr(lib, "internal_api", None) != "openblas":
+        return cores
+    for pre, suf in (("", ""), ("scipy_", "64_"), ("scipy_", ""), ("", "64_")):
+        get_procs = getattr(getattr(lib, "dynlib", None), f"{pre}openblas_get_num_procs{suf}", None)
+        get_config = getattr(getattr(lib, "dynlib", None), f"{pre}openblas_get_config{suf}", None)
+        if get_procs is None or get_config is None:
+            continue
+        get_config.restype = ctypes.c_char_p
+        config = (get_config() or b"").decode(errors="replace")
+        cap = [int(w.split("=")[1]) for w in config.split() if w.startswith("MAX_THREADS=")
+               and w.split("=")[1].isdigit()]
+        return max(1, min([int(get_procs())] + cap))
+    return cores
+
+
 def use_single_threaded_blas() -> bool:
-    """Set the process's BLAS to one thread, for good (unless TENSORLITE_KEEP_BLAS_THREADS=1).
+    """Set the process's BLAS to one thread, for good, unless the user chose its threads.
 
     Restoring OpenBLAS's threads after each of our calls is not enough: after every
     multi-threaded call (a dot product in gradient clipping, a small product) its idle worker
@@ -171,13 +257,46 @@ def use_single_threaded_blas() -> bool:
     (measured: tensorlite's 2-thread products at 121-131 GFLOP/s instead of 250 right after
     a NumPy product on OpenBLAS threads). tensorlite parallelises over its own pool instead,
     as PyTorch sizes its own intra-op pool.
+
+    Left alone: everything with TENSORLITE_KEEP_BLAS_THREADS=1 or a thread variable in the
+    environment (``BLAS_THREAD_VARS``: OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, ...); a library
+    whose threads were already set below its own default (``threadpoolctl.threadpool_limits``,
+    ``lib.set_num_threads``). True if a library is on one thread now through this call.
     """
     if os.environ.get("TENSORLITE_KEEP_BLAS_THREADS"):
         return False
-    libs = _blas_libs()
-    for lib in libs:
-        lib.set_num_threads(1)
-    return bool(libs)
+    if any(os.environ.get(v) for v in BLAS_THREAD_VARS):
+        return False
+    done = False
+    for lib in _blas_libs():
+        try:
+            now = lib.get_num_threads()
+            if now is None or now < _blas_default_threads(lib):
+                continue                          # the user's setting
+            lib.set_num_threads(1)
+            done = True
+        except Exception:  # pragma: no cover - exotic BLAS builds: leave them be
+            continue
+    return done
+
+
+def configure() -> dict:
+    """Apply tensorlite's process-wide CPU settings now (once; later calls return the same).
+
+    - BLAS on one thread (``use_single_threaded_blas``): tensorlite's own pool splits the work;
+    - glibc's malloc keeps freed memory up to 32 MB for reuse (``_tune_malloc``).
+
+    Runs by itself the first time tensorlite computes on NumPy data through this module;
+    call it earlier to have the settings in force from a known point (e.g. before timing).
+    Returns ``{"blas_single_threaded": bool, "malloc_tuned": bool}``: what was changed.
+    """
+    global _configured, MALLOC_TUNED, BLAS_SINGLE_THREADED
+    with _config_lock:
+        if not _configured:
+            MALLOC_TUNED = _tune_malloc()
+            BLAS_SINGLE_THREADED = use_single_threaded_blas()
+            _configured = True
+    return {"blas_single_threaded": BLAS_SINGLE_THREADED, "malloc_tuned": MALLOC_TUNED}
 
 
 def _run_parts(fn, parts) -> None:
@@ -200,6 +319,8 @@ def _split(n: int, k: int):
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for 2-D or batched (same leading dims) NumPy arrays, split over threads:
     rows of ``a`` for a 2-D product, the batch for a batched one."""
+    if not _configured:
+        configure()
     n = get_num_threads()
     if a.ndim == 2:
         m = a.shape[0]
@@ -242,6 +363,8 @@ def for_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = Non
     if xp is not np:
         kernel(0, n_rows)
         return
+    if not _configured:
+        configure()
     rows_per_block = max(1, (block or BLOCK_ELEMS) // max(row_elems, 1))
     total = n_rows * row_elems
     n = get_num_threads()
@@ -274,6 +397,3 @@ def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
         for t, p in zip(totals, blk):
             t += p
     return totals
-
-
-BLAS_SINGLE_THREADED = use_single_threaded_blas()

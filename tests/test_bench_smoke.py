@@ -1,4 +1,8 @@
-"""bench.gpt_bench runs end to end on a micro model, tensorlite side only (no timing checks)."""
+"""bench.gpt_bench runs end to end on a micro model, tensorlite side only (no timing checks).
+
+The benchmark is not part of the installed product (no `tensorlite-gpt bench`): it runs from a
+source checkout as `python -m bench.gpt_bench`."""
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +34,6 @@ def test_train_and_gen_micro():
 
 def test_main_usage_exit_codes(capsys):
     assert gb.main(["--help"]) == 0
-    assert gb.main(["--", "--help"]) == 0      # as `tensorlite-gpt bench -- --help` passes it
     assert gb.main(["--config", "nope"]) == 2
     assert gb.main(["--steps", "0"]) == 2
     assert gb.blas_info()["threads"]
@@ -40,6 +43,13 @@ def test_threads_reach_tensorlite():
     # --threads N sizes tensorlite's own pool too, not just torch's and BLAS's
     import tensorlite as tl
     assert gb.worker_env(False, 3)["TENSORLITE_NUM_THREADS"] == "3"
+    # a tensorlite run gets no BLAS variable: tensorlite puts BLAS on one thread itself, and a
+    # variable would count as the user's choice (tensorlite/cpu.py)
+    tl_env = gb.worker_env(False, 3, lib="tensorlite")
+    assert tl_env["TENSORLITE_NUM_THREADS"] == "3"
+    assert not any(k in tl_env and tl_env[k] != os.environ.get(k)
+                   for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    assert gb.worker_env(False, 3)["OMP_NUM_THREADS"] == "3"      # torch's runs: its OpenMP
     before = tl.get_num_threads()
     gb.CONFIGS["micro"] = MICRO
     try:

@@ -1,5 +1,7 @@
 """tensorlite.cpu: the thread-pool paths give NumPy's answers, whatever the thread count."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,3 +198,203 @@ def test_pool_is_reset_in_a_fork_child(threads):
     assert os.read(r, 1) == b"1"
     os.close(r)
     os.waitpid(pid, 0)
+
+
+
+# ------------------------------------------------------------ process-wide settings (issue 10)
+_STATE_SCRIPT = r"""
+import ctypes, json, os, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+
+def blas():
+    return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+def mmapped():
+    # does glibc serve a 12 MB malloc with its own mmap (its default: above 128 KB) or from the
+    # heap (tensorlite's setting: up to 32 MB)? One probe per process: freeing an mmapped block
+    # raises glibc's dynamic threshold, so a second probe would not tell.
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL("libc.so.6")
+    fields = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    info = getattr(libc, "mallinfo2", None)
+    if info is None:
+        return None
+    info.restype = type("MallInfo2", (ctypes.Structure,), {"_fields_": fields})
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = info().hblks
+    ptr = libc.malloc(12 << 20)
+    after = info().hblks
+    libc.free(ptr)
+    return after > before
+
+stage = sys.argv[1]
+if stage != "numpy":
+    import tensorlite as tl
+    if stage == "limit":                      # the user limits BLAS before tensorlite runs
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=int(sys.argv[2]), user_api="blas")
+    if stage in ("use", "use1", "limit"):      # the first op on tensorlite's CPU path
+        if stage == "use1":
+            tl.set_num_threads(1)
+        a = tl.tensor(np.ones((256, 256), np.float32))
+        (a @ a).sum()
+    if stage == "configure":
+        tl.cpu.configure()
+out = {"blas": blas(), "mmapped": mmapped()}
+if stage != "numpy":
+    out["configured"] = tl.cpu._configured
+print("STATE " + json.dumps(out))
+"""
+
+
+def _state(tmp_path, stage, *args, **env_extra):
+    script = tmp_path / "state.py"
+    script.write_text(_STATE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in cpu.BLAS_THREAD_VARS + (
+        "TENSORLITE_KEEP_BLAS_THREADS", "TENSORLITE_NO_MALLOPT", "TENSORLITE_NUM_THREADS",
+        "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         os.environ.get("PYTHONPATH", "")])
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, str(script), stage, *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.split("STATE ", 1)[1])
+
+
+def _cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+_multicore = pytest.mark.skipif(_cores() < 2, reason="one core: BLAS has one thread anyway")
+
+
+@_multicore
+def test_import_changes_nothing_process_wide_first_use_does(tmp_path):
+    plain = _state(tmp_path, "numpy")
+    assert plain["blas"] and min(plain["blas"]) > 1, plain   # NumPy's BLAS: its own threads
+    imported = _state(tmp_path, "import")
+    assert imported == {**plain, "configured": False}        # import tensorlite: untouched
+    for stage in ("use", "use1", "configure"):               # first op (any thread count), or
+        used = _state(tmp_path, stage)                       # the explicit call
+        assert used["configured"] and used["blas"] == [1] * len(plain["blas"]), (stage, used)
+        if plain["mmapped"] is not None:
+            assert plain["mmapped"] and not used["mmapped"], (stage, plain, used)
+
+
+@_multicore
+def test_opt_outs_and_the_users_own_settings_win(tmp_path):
+    plain = _state(tmp_path, "numpy")
+    keep = _state(tmp_path, "use", TENSORLITE_KEEP_BLAS_THREADS="1")
+    assert keep["blas"] == plain["blas"]
+    # the user's thread variable: BLAS keeps what it says, even where that is all the cores
+    env_set = _state(tmp_path, "use", OPENBLAS_NUM_THREADS=str(_cores()))
+    assert env_set["blas"] == [_cores()] * len(plain["blas"])
+    omp_set = _state(tmp_path, "use", OMP_NUM_THREADS=str(_cores()))
+    assert omp_set["blas"] == [_cores()] * len(plain["blas"])
+    if plain["mmapped"] is not None:
+        assert not keep["mmapped"]                            # malloc is tuned all the same
+        no_mallopt = _state(tmp_path, "use", TENSORLITE_NO_MALLOPT="1")
+        assert no_mallopt["mmapped"] and no_mallopt["blas"] == [1] * len(plain["blas"])
+        # glibc's own variable, set by the user: tensorlite does not override it
+        assert _state(tmp_path, "use", MALLOC_MMAP_THRESHOLD_="131072")["mmapped"]
+    if _cores() >= 3:   # a threadpoolctl limit below BLAS's default stays (2 cores: 1 is 1)
+        assert _state(tmp_path, "limit", 2)["blas"] == [2] * len(plain["blas"])
+
+
+class _FakeBlas:
+    internal_api = "mkl"
+
+    def __init__(self, n):
+        self.n = n
+
+    def get_num_threads(self):
+        return self.n
+
+    def set_num_threads(self, n):
+        self.n = n
+
+
+def test_blas_limit_set_before_first_use_wins(monkeypatch):
+    # threadpoolctl's limits leave no mark but the thread count: below the library's own
+    # default it is the user's, and stays
+    for name in cpu.BLAS_THREAD_VARS + ("TENSORLITE_KEEP_BLAS_THREADS",):
+        monkeypatch.delenv(name, raising=False)
+    at_default, limited = _FakeBlas(8), _FakeBlas(3)
+    monkeypatch.setattr(cpu, "_blas_libs", lambda: [at_default, limited])
+    monkeypatch.setattr(cpu, "_usable_cores", lambda: 8)
+    assert cpu.use_single_threaded_blas()
+    assert (at_default.n, limited.n) == (1, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    at_default.n = 8
+    assert not cpu.use_single_threaded_blas() and at_default.n == 8
+
+
+@pytest.fixture
+def fresh_threads(monkeypatch):
+    for name in cpu.LOCAL_RANK_VARS + ("SLURM_NODEID", "TENSORLITE_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = cpu.get_num_threads()
+
+    def default(cores, machine=None, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(cpu, "_usable_cores", lambda: cores)
+        monkeypatch.setattr(cpu.os, "cpu_count", lambda: machine or cores)
+        try:
+            return cpu._default_threads()
+        finally:
+            for k in env:
+                monkeypatch.delenv(k)
+    yield default
+    cpu.set_num_threads(before)
+
+
+def test_pool_size_shares_the_cores_among_local_ranks(fresh_threads):
+    d = fresh_threads
+    assert d(8) == 8
+    assert d(8, MPI_LOCALNRANKS="2") == 4                       # MPICH's mpiexec (Hydra)
+    assert d(8, OMPI_COMM_WORLD_LOCAL_SIZE="3") == 2            # Open MPI
+    assert d(12, SLURM_STEP_TASKS_PER_NODE="4(x2),3", SLURM_NODEID="2") == 4   # srun: 3 here
+    assert d(12, SLURM_STEP_TASKS_PER_NODE="4(x2),3", SLURM_NODEID="0") == 3
+    assert d(2, MPI_LOCALNRANKS="4") == 1                       # more ranks than cores
+    assert d(2, machine=8, MPI_LOCALNRANKS="4") == 2            # the launcher bound each rank
+    assert d(8, MPI_LOCALNRANKS="1") == 8
+    assert d(8, MPI_LOCALNRANKS="two") == 8                     # unreadable: not a job
+    assert d(8, MPI_LOCALNRANKS="2", TENSORLITE_NUM_THREADS="3") == 3   # the user's number wins
+
+
+def test_set_num_threads_wins_over_the_environment(monkeypatch, threads):
+    monkeypatch.setenv("TENSORLITE_NUM_THREADS", "3")
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    monkeypatch.setattr(cpu, "_num_threads", None)
+    assert cpu.get_num_threads() == 3
+    threads(1)
+    assert cpu.get_num_threads() == 1
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
+def test_ranks_under_mpiexec_share_the_cores():
+    code = ("import os, tensorlite as tl; "
+            "print('RANK', os.environ.get('MPI_LOCALNRANKS') or "
+            "os.environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'), tl.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "TENSORLITE_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         os.environ.get("PYTHONPATH", "")])
+    try:
+        out = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-c", code], env=env,
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mpiexec -n 2 did not finish in 120 s")
+    if out.returncode != 0:
+        pytest.skip(f"mpiexec cannot start 2 ranks here: {out.stderr.strip()[-300:]}")
+    lines = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("RANK")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    cores = _cores()
+    share = max(1, cores // 2) if cores > (os.cpu_count() or cores) // 2 else cores
+    for _, local, n in lines:
+        assert local == "2" and int(n) == share, out.stdout

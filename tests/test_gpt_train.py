@@ -63,7 +63,7 @@ def test_resume_after_sigkill_logs_the_same_losses(data_dir, tmp_path):
                   env={"TENSORLITE_TEST_KILL_AT_STEP": "13"})
     assert killed.returncode == -signal.SIGKILL
     cut_train, _ = _losses(tmp_path / "cut")
-    assert cut_train[-1][0] == 12  # it really died mid-run, after the step-10 checkpoint
+    assert cut_train[-1][0] == 13  # it really died mid-run (13 steps done), after the step-10 checkpoint
     resumed = _cli(common + ["--out", str(tmp_path / "cut"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step 10" in resumed.stdout

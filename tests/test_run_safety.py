@@ -102,7 +102,7 @@ def test_overwrite_replaces_the_run(data_dir, tmp_path):
     (out / "notes.txt").write_text("mine")            # a user's own file stays
     s = train(cfg_for(data_dir, out, max_steps=4, overwrite=True), **quiet)
     assert s["step"] == 4
-    assert max(r["step"] for r in _log(out)) == 3     # the old log (steps 0-7) is gone
+    assert max(r["step"] for r in _log(out)) == 4     # the old log (steps 1-8) is gone
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="contradict"):
         train(cfg_for(data_dir, out, resume=True, overwrite=True), **quiet)
@@ -127,9 +127,96 @@ def test_resume_of_a_run_without_checkpoint_asks_for_overwrite(tmp_path, data_di
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 41, "loss": 3.0}\n')
-    with pytest.raises(TrainingError, match="a log up to step 41 and no checkpoint.*--overwrite"):
-        train(cfg_for(data_dir, out, resume=True), **quiet)
+    for resume in (True, False):     # never advise --resume when there is nothing to resume
+        with pytest.raises(TrainingError, match="a log up to step 41 and no checkpoint: there is "
+                                                "nothing to resume from; pass --overwrite"):
+            train(cfg_for(data_dir, out, resume=resume), **quiet)
     assert (out / "log.jsonl").read_text() == '{"step": 41, "loss": 3.0}\n'
+
+
+def test_a_prepared_data_folder_is_never_a_run_folder(data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    before = _tree_digest(data)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        rc = main(["train", "--data", str(data_dir), "--out", str(data), *SMALL, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "is a prepared data folder" in err, err
+    assert _tree_digest(data) == before
+
+
+def test_resume_alone_continues_the_run_as_it_was_started(data_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    out = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(out), "--positional", "rope", "--no-bias",
+            *SMALL, "--max-steps", "4", "--eval-interval", "2", "--lr", "0.005"]
+    assert main(["train", *args]) == 0
+    monkeypatch.chdir(tmp_path / "..")            # from another folder, without --data
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "resuming with --max-steps 6 (the run had 4)" in text and "resumed at step 4" in text
+    from nn.checkpoint import load_checkpoint
+    meta = load_checkpoint(out / "ckpt" / "latest")
+    tc = meta["extra"]["train_config"]
+    assert tc["lr"] == 0.005 and tc["model"]["positional"] == "rope" and not tc["model"]["bias"]
+    assert tc["data"] == str(Path(data_dir).resolve()) and meta["extra"]["step"] == 6
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6"]) == 2
+    assert "at step 6 and --max-steps is 6: nothing to train" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "9",
+                 "--batch-size", "8"]) == 2
+    assert "resume with --batch-size 4" in capsys.readouterr().err
+
+
+def test_nonfinite_validation_loss_saves_nothing(data_dir, tmp_path, monkeypatch):
+    real = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda m, l, n: float("nan")
+                        if (tmp_path / "ckpt" / "latest").exists() else real(m, l, n))
+    with pytest.raises(TrainingError, match=r"non-finite validation loss \(nan\) at step 8: "
+                                            r"stopping; the last good checkpoint of this run is "
+                                            r".*\(step 4\)"):
+        train(cfg_for(data_dir, tmp_path), **quiet)
+    from nn.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "ckpt" / "latest")["extra"]["step"] == 4
+    summary = _strict_json((tmp_path / "summary.json").read_text())
+    assert summary["checkpoint_step"] == 4 and "non-finite" in summary["stopped"]
+
+
+def test_sigterm_saves_at_a_step_boundary_like_ctrl_c(data_dir, tmp_path, monkeypatch):
+    state = {"t": None}
+    real_init = Trainer.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        state["t"] = self
+    monkeypatch.setattr(Trainer, "__init__", init)
+    real_step = AdamW.step
+
+    def step(self, *a, **k):
+        if state["t"].step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(AdamW, "step", step)
+    s = train(cfg_for(data_dir, tmp_path), **quiet)
+    assert s["interrupted"] == "SIGTERM" and s["step"] == 6 and s["checkpoint_step"] == 6
+    monkeypatch.undo()
+    full = train(cfg_for(data_dir, tmp_path / "full"), **quiet)
+    train(cfg_for(data_dir, tmp_path, resume=True), **quiet)
+    assert full["step"] == 12 and _losses(tmp_path / "full") == _losses(tmp_path)
+
+
+@pytest.mark.parametrize("toml,msg", [
+    ("[train]\nresume = \"no\"\n", "resume = 'no' must be true or false"),
+    ("[train]\nuntied = \"false\"\n", "untied = 'false' must be true or false"),
+    ("[train]\nn_layer = 1.5\n", "n_layer = 1.5 must be an integer"),
+    ("[trian]\nlr = 1\n", "unknown table(s) ['[trian]']"),
+])
+def test_config_file_values_are_checked(toml, msg, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------------- Ctrl-C

@@ -72,6 +72,12 @@ _ENCODE_CHUNK = 64  # documents per encode_batch call (progress granularity)
 
 
 def _not_prepared(out_dir: Path, why: str) -> str:
+    if out_dir.is_file() or (out_dir.is_dir() and not (out_dir / META_FILE).exists()
+                             and any(out_dir.iterdir())):
+        # raw text, not a prepared folder: prepare it into a folder of its own
+        return (f"{out_dir} is not a prepared data folder ({why}): prepare it first with "
+                f"`tensorlite-gpt prepare --data {out_dir} --out data/<name>`, then pass "
+                f"--data data/<name>")
     return f"data folder {out_dir} is not prepared ({why}): run `tensorlite-gpt prepare --out {out_dir}`"
 
 
@@ -101,6 +107,13 @@ def _canonical_options(
         raise DataError(f"tokenizer={tokenizer!r} is not a tokenizer kind: use one of {TOKENIZER_KINDS}")
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
         raise DataError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise DataError(f"--seed {seed!r} must be an integer in [0, 2**32)")
+    coverage = (tokenizer_options or {}).get("character_coverage")
+    if coverage is not None and not (isinstance(coverage, (int, float))
+                                     and 0.0 < coverage <= 1.0):
+        raise DataError(f"--character-coverage {coverage!r} must be in (0, 1] (the share of "
+                        "characters that get their own pieces; 0.9995 by default)")
     if data is not None:
         data = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         data = [str(Path(p).resolve()) for p in data]
