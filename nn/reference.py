@@ -67,7 +67,9 @@ def attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, generator=None
     if is_causal:
         allowed = np.tril(np.ones((tq, tk), bool), k=tk - tq)
         s = s.masked_fill(tl.tensor(~allowed), -1e30)
-    if mask is not None:
+    if isinstance(mask, Tensor) and mask.dtype.kind == "f":
+        s = s + mask.to(s.dtype)            # a Tensor: a learned bias gets its gradient
+    elif mask is not None:
         m = mask.numpy() if isinstance(mask, Tensor) else np.asarray(mask)
         s = s.masked_fill(tl.tensor(~m), -1e30) if m.dtype == bool else s + tl.tensor(m, dtype=s.dtype)
     p = s.softmax(-1)
@@ -129,14 +131,31 @@ def rotary(x, cos, sin):
 
 
 def self_attention(qkv, n_head, is_causal=True, cos=None, sin=None, dropout_p=0.0,
-                   generator=None):
+                   generator=None, mask=None):
     """The packed op step by step: (B, T, 3C) -> split q, k, v -> heads (B, H, T, D) ->
-    rotate q, k (when cos/sin are given) -> attention -> merge heads -> (B, T, C)."""
+    rotate q, k (when cos/sin are given) -> attention (``mask`` as ``attention``'s) -> merge
+    heads -> (B, T, C)."""
     b, t, c3 = qkv.shape
     c = c3 // 3
     d = c // n_head
     q, k, v = (z.reshape(b, t, n_head, d).transpose(1, 2) for z in qkv.split(c, dim=-1))
     if cos is not None:
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-    y = attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p, generator=generator)
+    y = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                  generator=generator)
     return y.transpose(1, 2).reshape(b, t, c)
+
+
+def multi_head_attention(mha, x, attn_mask=None):
+    """nn.MultiHeadAttention with its own weights, composed and without a cache: qkv
+    projection -> split, heads, rotate (RoPE base 10000), attend -> merge -> output projection
+    -> dropout (in training mode; both dropouts draw from the default generator, in the order
+    the module draws them)."""
+    cos = sin = None
+    if mha.rotary is not None:
+        cos, sin = rotary_tables(x.shape[1], mha.head_dim)
+    p = mha.dropout_p if mha.training else 0.0
+    y = self_attention(linear(x, mha.qkv.weight, mha.qkv.bias), mha.n_head,
+                       is_causal=mha.causal, cos=cos, sin=sin, dropout_p=p, mask=attn_mask)
+    y = linear(y, mha.proj.weight, mha.proj.bias)
+    return dropout(y, p) if p else y

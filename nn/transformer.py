@@ -56,6 +56,8 @@ class TransformerBlock(Module):
         self.mlp = FeedForward(d_model, d_ff, dropout=dropout, bias=bias, activation=activation)
 
     def forward(self, x, kv_cache=None, attn_mask=None):
+        """x: (B, T, C) -> (B, T, C); ``kv_cache`` and ``attn_mask`` go to the attention (see
+        MultiHeadAttention.forward: the cache is for inference only)."""
         if self.norm_first:
             x = x + self.attn(self.ln1(x), kv_cache=kv_cache, attn_mask=attn_mask)
             return x + self.mlp(self.ln2(x))

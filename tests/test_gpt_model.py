@@ -95,16 +95,41 @@ def test_cached_generation_equals_recomputation(rng, positional):
         np.testing.assert_array_equal(a[:, :4], prompt)
 
 
-def test_cached_logits_equal_full_forward(rng):
+@pytest.mark.parametrize("positional", ["learned", "rope", "sinusoidal"])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_cached_logits_equal_full_forward(rng, positional, norm_first):
+    # a prompt of 5 then one token at a time through the KV caches: the logits at every
+    # position equal one forward over all 9 (float64 rounding), and so do the greedy tokens
     tl.manual_seed(3)
-    m = tiny(vocab_size=17).eval()
-    idx = rng.integers(0, 17, (1, 9))
+    m = tiny(vocab_size=17, positional=positional, norm_first=norm_first).double().eval()
+    idx = rng.integers(0, 17, (2, 9))
     full = m(idx)[0].numpy()
     caches = m.new_kv_caches()
     with tl.no_grad():
         steps = [m(idx[:, :5], kv_caches=caches)[0].numpy()]
         steps += [m(idx[:, t:t + 1], kv_caches=caches)[0].numpy() for t in range(5, 9)]
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-5, atol=1e-6)
+    cached = np.concatenate(steps, 1)
+    np.testing.assert_allclose(cached, full, rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(cached.argmax(-1), full.argmax(-1))
+    assert [c.length for c in caches] == [9, 9]
+    # greedy generation: the cached and the recomputing paths pick the same tokens
+    a = m.generate(idx[:, :3], 9, temperature=0, use_cache=True)
+    np.testing.assert_array_equal(a, m.generate(idx[:, :3], 9, temperature=0, use_cache=False))
+
+
+def test_kv_caches_are_inference_only(rng):
+    m = tiny()
+    idx = rng.integers(0, 11, (1, 4))
+    caches = m.new_kv_caches()
+    with pytest.raises(RuntimeError, match=r"KVCache is for inference only.*tl\.no_grad\(\)"):
+        m(idx, kv_caches=caches)
+    assert caches[0].length == 0
+    with pytest.raises(ValueError, match="1 KV caches for 2 blocks"):
+        m(idx, kv_caches=caches[:1])
+    with tl.no_grad():
+        assert m(idx, kv_caches=caches)[0].shape == (1, 4, 11)
+        with pytest.raises(ValueError, match="13 positions exceed block_size 12"):
+            m(np.zeros((1, 9), np.int64), kv_caches=caches)
 
 
 def test_sampling_rules():

@@ -283,22 +283,86 @@ def test_attention_dropout_matches_reference(rng):
     assert_fused_equals_reference(fused, ref, [q, k, v])
 
 
-@pytest.mark.parametrize("rotary,dropout,causal", [(False, 0.0, True), (True, 0.0, True),
-                                                   (True, 0.25, True), (False, 0.0, False)])
-def test_packed_self_attention_matches_reference(rng, rotary, dropout, causal):
+def _scores_mask(rng, kind, b=2, h=2, t=5):
+    if kind == "bool":
+        m = rng.standard_normal((b, 1, t, t)) > -0.3       # per batch element
+        m[..., 0] = True                                   # every query sees something
+        return m
+    if kind == "float":
+        m = rng.standard_normal((h, t, t))                 # per head
+        m[1, 3, 1] = -np.inf
+        return m
+    if kind == "learned":                                  # a learned bias (B, 1, T, T)
+        return t64(rng, b, 1, t, t)
+    return None
+
+
+@pytest.mark.parametrize("rotary,dropout,causal,mask", [
+    (False, 0.0, True, None), (True, 0.0, True, None), (True, 0.25, True, None),
+    (False, 0.0, False, None), (False, 0.0, False, "bool"), (True, 0.0, True, "float"),
+    (True, 0.0, False, "learned"), (False, 0.25, True, "learned"), (True, 0.25, False, "bool")])
+def test_packed_self_attention_matches_reference(rng, rotary, dropout, causal, mask):
     from tensorlite.ops import nn as ops
     qkv = t64(rng, 2, 5, 24)                                  # (B, T, 3C), C = 8, 2 heads
     cos, sin = R.rotary_tables(5, 4) if rotary else (None, None)
+    m = _scores_mask(rng, mask)
+    inputs = [qkv] + ([m] if mask == "learned" else [])
 
-    def fused(qkv):
-        return ops.SelfAttention.apply(qkv, n_head=2, is_causal=causal, dropout_p=dropout,
+    def fused(qkv, *_):
+        return ops.SelfAttention.apply(qkv, m, n_head=2, is_causal=causal, dropout_p=dropout,
                                        generator=tl.Generator(4), cos=cos, sin=sin)
 
-    def ref(qkv):
+    def ref(qkv, *_):
         return R.self_attention(qkv, 2, is_causal=causal, cos=cos, sin=sin, dropout_p=dropout,
-                                generator=tl.Generator(4))
-    assert_fused_equals_reference(fused, ref, [qkv])
-    assert tl.gradcheck(fused, [qkv])
+                                generator=tl.Generator(4), mask=m)
+    assert_fused_equals_reference(fused, ref, inputs)
+    assert tl.gradcheck(fused, inputs)
+    if mask is not None:   # the mask is not silently dropped
+        plain = ops.SelfAttention.apply(qkv, n_head=2, is_causal=causal, dropout_p=dropout,
+                                        generator=tl.Generator(4), cos=cos, sin=sin)
+        assert not np.allclose(plain.numpy(), fused(qkv).numpy())
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_packed_self_attention_with_kv_cache_equals_one_pass(rng, rotary):
+    # positions fed in chunks of 3, 1, 2 through a KVCache give, at every position, what one
+    # pass over all 6 gives (float64 rounding), rotary tables continuing at the cached length
+    from tensorlite.ops import nn as ops
+    qkv = rng.standard_normal((2, 6, 24))
+    mask = rng.standard_normal((2, 6, 6))                       # additive, per head
+    cos, sin = R.rotary_tables(6, 4) if rotary else (None, None)
+
+    def run(lo, hi, cache=None):
+        return ops.SelfAttention.apply(
+            tl.tensor(qkv[:, lo:hi]), mask[..., lo:hi, :hi], n_head=2, kv_cache=cache,
+            cos=cos[lo:hi] if rotary else None, sin=sin[lo:hi] if rotary else None).numpy()
+    cache = nn.KVCache(6)
+    with tl.no_grad():
+        full = run(0, 6)
+        parts = [run(lo, hi, cache) for lo, hi in ((0, 3), (3, 4), (4, 6))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-14)
+    assert cache.length == 6 and cache.k.shape == (2, 2, 6, 4)
+    with pytest.raises(RuntimeError, match="KVCache is for inference only"):
+        ops.SelfAttention.apply(tl.tensor(qkv[:, :1]), n_head=2, kv_cache=nn.KVCache(6))
+
+
+def test_packed_self_attention_on_a_share_of_the_heads(rng):
+    # tensor parallelism gives each rank some of the heads: the op on the q, k, v columns of
+    # heads 1 and 2 (of 4) computes exactly those heads' columns of the full output, and a
+    # cache then holds those two heads only
+    from tensorlite.ops import nn as ops
+    b, t, h, d = 2, 5, 4, 3
+    qkv = rng.standard_normal((b, t, 3, h, d))
+    full = ops.SelfAttention.apply(tl.tensor(qkv.reshape(b, t, -1)), n_head=h).numpy()
+    share = ops.SelfAttention.apply(tl.tensor(qkv[:, :, :, 1:3].reshape(b, t, -1)),
+                                    n_head=2).numpy()
+    np.testing.assert_allclose(share, full.reshape(b, t, h, d)[:, :, 1:3].reshape(b, t, -1),
+                               rtol=1e-14, atol=1e-15)
+    cache = nn.KVCache(8)
+    with tl.no_grad():
+        ops.SelfAttention.apply(tl.tensor(qkv[:, :, :, 1:3].reshape(b, t, -1)), n_head=2,
+                                kv_cache=cache)
+    assert cache.k.shape == (b, 2, 8, d)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -5,6 +5,7 @@ import pytest
 import nn
 import tensorlite as tl
 from nn import functional as F
+from nn import reference as R
 
 
 def params_check(module, x_shape, rng, fn=None, directional=False, int_input=None):
@@ -188,12 +189,18 @@ def test_mha_additive_float_mask_is_gradient_checked(rng, causal, rotary):
     params_check(mha, (2, 4, 8), rng, fn=lambda x: mha(x, attn_mask=bias))
 
 
+def rope64(max_len=16):
+    return nn.RotaryEmbedding(4, max_len=max_len, dtype=tl.float64)
+
+
 @pytest.mark.parametrize("rotary", [False, True])
 def test_kv_cache_gives_same_outputs_as_full_forward(rng, rotary):
+    # a prompt of 4 positions, then one at a time, through two blocks: every position's
+    # output equals the one forward over all 7, to float64 rounding
     tl.manual_seed(3)
-    rope = nn.RotaryEmbedding(4, max_len=16) if rotary else None
-    blocks = [nn.TransformerBlock(8, 2, rotary=rope) for _ in range(2)]
-    x = tl.tensor(rng.standard_normal((2, 7, 8)).astype(np.float32))
+    rope = rope64() if rotary else None
+    blocks = [nn.TransformerBlock(8, 2, rotary=rope).double() for _ in range(2)]
+    x = tl.tensor(rng.standard_normal((2, 7, 8)))
 
     def run(x, caches=None):
         for i, b in enumerate(blocks):
@@ -204,25 +211,62 @@ def test_kv_cache_gives_same_outputs_as_full_forward(rng, rotary):
     caches = [nn.KVCache(16) for _ in blocks]
     with tl.no_grad():
         parts = [run(x[:, :4], caches)] + [run(x[:, t:t + 1], caches) for t in range(4, 7)]
-    inc = np.concatenate([p.numpy() for p in parts], axis=1)
-    np.testing.assert_allclose(inc, full, rtol=1e-5, atol=1e-6)
-    assert caches[0].length == 7
-    with pytest.raises(ValueError, match="exceed max_len 16"):
-        run(tl.randn(2, 10, 8), caches)
+        inc = np.concatenate([p.numpy() for p in parts], axis=1)
+        np.testing.assert_allclose(inc, full, rtol=1e-12, atol=1e-14)
+        assert [c.length for c in caches] == [7, 7]
+        with pytest.raises(ValueError, match="exceed max_len 16"):
+            run(tl.randn(2, 10, 8, dtype=tl.float64), caches)
+        assert caches[0].length == 7                      # a refused update writes nothing
+        with pytest.raises(ValueError, match=r"new keys \(batch 1, 2 heads.*call reset\(\)"):
+            run(x[:1, :1], caches)
+        for c in caches:
+            c.reset()
+        np.testing.assert_allclose(run(x[:1, :3], caches).numpy(), run(x[:1, :3]).numpy(),
+                                   rtol=1e-12, atol=1e-14)
 
 
-def test_kv_cache_path_is_gradient_checked(rng):
-    mha = nn.MultiHeadAttention(8, 2, rotary=nn.RotaryEmbedding(4, 16)).double()
-    x = tl.tensor(rng.standard_normal((1, 5, 8)), requires_grad=True)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_kv_cache_with_attn_mask_equals_full_forward(rng, kind):
+    # a mask over the whole sequence on top of the causal one; each cached chunk passes its
+    # rows (its queries) and the columns of every key so far
+    mha = nn.MultiHeadAttention(8, 2, rotary=rope64()).double()
+    x = tl.tensor(rng.standard_normal((2, 6, 8)))
+    if kind == "bool":
+        mask = rng.standard_normal((2, 1, 6, 6)) > -0.3   # per batch element
+        mask[..., 0] = True                              # every query sees something
+    else:
+        mask = rng.standard_normal((1, 2, 6, 6))          # per head
+        mask[0, 1, 4, 2] = -np.inf
+    full = mha(x, attn_mask=mask).numpy()
+    cache = nn.KVCache(6)
+    with tl.no_grad():
+        parts = [mha(x[:, lo:hi], kv_cache=cache, attn_mask=mask[..., lo:hi, :hi]).numpy()
+                 for lo, hi in ((0, 3), (3, 4), (4, 6))]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(full, mha(x).numpy())         # the mask is not silently dropped
+    # the usual mistake: a mask for the new positions only, without the cached keys
+    cache = nn.KVCache(6)
+    with tl.no_grad():
+        mha(x[:, :3], kv_cache=cache)
+        with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 3\) does not broadcast "
+                                             r"to the scores .* = \(2, 2, 3, 6\)"):
+            mha(x[:, 3:], kv_cache=cache, attn_mask=np.ones((3, 3), bool))
 
-    def f(x, *params):
-        cache = nn.KVCache(8)
-        a = mha(x[:, :3], kv_cache=cache)
-        b = mha(x[:, 3:4], kv_cache=cache)
-        c = mha(x[:, 4:], kv_cache=cache)
-        return tl.cat([a, b, c], dim=1)
 
-    assert tl.gradcheck(f, [x] + list(mha.parameters()))
+def test_kv_cache_is_inference_only():
+    # no gradient flows through the cache (as in PyTorch generation): with grad mode on,
+    # attention refuses it and the cache stays untouched
+    mha = nn.MultiHeadAttention(8, 2)
+    x = tl.randn(1, 3, 8)
+    cache = nn.KVCache(8)
+    with pytest.raises(RuntimeError, match=r"KVCache is for inference only.*tl\.no_grad\(\)"):
+        mha(x, kv_cache=cache)
+    assert cache.length == 0 and cache.k is None
+    with tl.no_grad():
+        y = mha(x, kv_cache=cache)
+    assert not y.requires_grad and cache.length == 3 and cache.k.shape == (1, 2, 8, 4)
+    with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
+        nn.KVCache(0)
 
 
 def test_feedforward_and_blocks(rng):
@@ -266,30 +310,54 @@ def test_post_ln_and_pre_ln_follow_their_formulas(rng):
     np.testing.assert_allclose(pre(x).numpy(), (h + pre.mlp(pre.ln2(h))).numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("rotary,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
-def test_packed_attention_equals_step_by_step_path(rng, rotary, dropout):
-    # the fused SelfAttention op (training path) against the general path it replaces
-    mha = nn.MultiHeadAttention(8, 2, dropout=dropout,
-                                rotary=nn.RotaryEmbedding(4, 16) if rotary else None).double()
+def _values_and_grads(f, inputs):
+    for p in inputs:
+        p.grad = None
+    y = f()
+    y.backward(tl.tensor(np.random.default_rng(5).standard_normal(y.shape)))
+    return [y.numpy().copy()] + [p.grad.numpy().copy() for p in inputs]
+
+
+def _mask(rng, kind, shape=(2, 5)):
+    b, t = shape
+    if kind == "bool":
+        m = rng.standard_normal((b, 1, t, t)) > -0.3      # per batch element
+        m[..., 0] = True                                 # every query sees something
+        return m
+    if kind == "float":
+        m = rng.standard_normal((1, 2, t, t))             # per head
+        m[0, 1, 3, 1] = -np.inf
+        return tl.tensor(m)
+    if kind == "learned":                                # a learned bias, shared by the heads
+        return tl.tensor(rng.standard_normal((t, t)), requires_grad=True)
+    return None
+
+
+@pytest.mark.parametrize("causal,rotary,mask,dropout", [
+    (True, False, None, 0.0), (True, True, None, 0.0), (False, False, "bool", 0.0),
+    (True, True, "float", 0.0), (False, True, "learned", 0.0), (True, False, "learned", 0.3),
+    (True, True, "bool", 0.3), (False, False, None, 0.3)])
+def test_mha_equals_composed_reference(rng, causal, rotary, mask, dropout):
+    # the one attention path (packed qkv -> ops.SelfAttention -> proj) against the step by
+    # step reference (split, heads, rotate, attend, merge), values and gradients (the learned
+    # bias's too), the dropout masks fixed by the seed; then gradient-checked
+    mha = nn.MultiHeadAttention(8, 2, dropout=dropout, causal=causal,
+                                rotary=rope64() if rotary else None).double()
     x = tl.tensor(rng.standard_normal((2, 5, 8)), requires_grad=True)
-    params = [x] + list(mha.parameters())
+    m = _mask(rng, mask)
+    inputs = [x] + list(mha.parameters()) + ([m] if mask == "learned" else [])
 
-    def fused(x, *ps):
+    def fused(*_):
         tl.manual_seed(5)
-        return mha.proj(mha._packed_attention(mha.qkv(x)))
+        return mha(x, attn_mask=m)
 
-    def general(x, *ps):
+    def ref(*_):
         tl.manual_seed(5)
-        return mha.proj(mha._attention(x))
+        return R.multi_head_attention(mha, x, attn_mask=m)
 
-    outs = []
-    for f in (fused, general):
-        for p in params:
-            p.grad = None
-        y = f(x)
-        y.backward(tl.tensor(np.ones(y.shape)))
-        outs.append([y.numpy().copy()] + [p.grad.numpy().copy() for p in params])
-    for a, b in zip(*outs):
+    for a, b in zip(_values_and_grads(fused, inputs), _values_and_grads(ref, inputs)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    if not dropout:
-        assert tl.gradcheck(fused, params)
+    if mask or dropout:
+        assert not np.allclose(fused().numpy(), mha.eval()(x).numpy())
+        mha.train()
+    assert tl.gradcheck(fused, inputs)

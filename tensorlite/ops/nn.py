@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, cpu
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, is_grad_enabled
 from .shape import _dim
 
 
@@ -583,9 +583,11 @@ def attention_forward(q, k, v, mask, is_causal, scale, dropout_p, generator):
     return out, p, p_used, dmask
 
 
-def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, True)):
+def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, True),
+                       dscores=None):
     """dv = P^T dout, dP = dout v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k * scale,
-    dk = dS^T q * scale. All (G, T, .) arrays; on NumPy by blocks of heads, as the forward."""
+    dk = dS^T q * scale. All (G, T, .) arrays; on NumPy by blocks of heads, as the forward.
+    ``dscores`` (G, Tq, Tk), if given, receives dS: the gradient of an additive mask."""
     xp = backend.xp_of(g)
     dq = xp.empty_like(q) if need[0] else None
     dk = xp.empty_like(k) if need[1] else None
@@ -599,8 +601,10 @@ def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, Tr
             ds *= dmask[lo:hi]
         pb = p[lo:hi]
         ds -= (ds * pb).sum(axis=-1, keepdims=True)
-        ds *= pb
-        ds *= scale                                                          # dS
+        ds *= pb                                                             # dS
+        if dscores is not None:
+            dscores[lo:hi] = ds
+        ds *= scale
         if dq is not None:
             xp.matmul(ds, k[lo:hi], out=dq[lo:hi])
         if dk is not None:
@@ -642,54 +646,79 @@ class Attention(Function):
 
 
 class SelfAttention(Function):
-    """Causal multi-head self-attention straight from the packed qkv projection.
+    """Multi-head self-attention straight from the packed qkv projection: the one attention
+    op of MultiHeadAttention, for training and for cached decoding.
 
-    qkv: (B, T, 3C) as produced by one Linear(C, 3C)  ->  out: (B, T, C), heads merged.
-    The same math as ``Attention`` (its reference: split qkv, reshape to heads, Attention,
-    merge heads), without the intermediate copies: q, k, v are gathered into one
-    (3, B*H, T, D) buffer once, and the backward writes dq, dk, dv straight back into one
-    (B, T, 3C) gradient. ``cos``/``sin`` (T, D/2) apply rotary positions to q and k.
+    qkv: (B, T, 3C) as produced by one Linear(C, 3C), C = n_head * D  ->  out: (B, T, C).
+    ``n_head`` is the number of heads this layer holds (under tensor parallelism, one rank's
+    share): D comes from the shape, nothing assumes that C is the model's width.
+    ``mask`` (an input, optional): a bool array (True = may attend) or a float array added
+    to the scores, broadcastable to (B, H, T, Tk); a float mask that requires grad (a learned
+    bias) gets dL/dmask = dL/dscores, summed over its broadcast dims by the engine.
+    ``is_causal``: query i (the i-th of the last T positions) sees keys <= it.
+    ``cos``/``sin`` (T, D/2): rotary positions for q and k. ``dropout_p``: on the weights P.
+    ``kv_cache``: an object whose ``update(k, v)`` stores the new keys/values (B, H, T, D)
+    and returns all cached ones (B, H, Tk, D) (``nn.KVCache``); inference only: no gradient
+    flows into the cache, so it is refused while grad mode is on.
+
+    The same math as ``nn.reference.self_attention`` (split q, k, v, heads, rotate, attend,
+    merge) without the intermediate copies: q, k, v are gathered into one (3, B, H, T, D)
+    buffer once, and the backward writes dq, dk, dv straight back into one (B, T, 3C) gradient.
     """
 
-    def forward(self, qkv, n_head, is_causal=True, dropout_p=0.0, generator=None,
-                cos=None, sin=None, cache=None):
+    def forward(self, qkv, mask=None, *, n_head, is_causal=True, dropout_p=0.0, generator=None,
+                cos=None, sin=None, kv_cache=None):
         xp = backend.xp_of(qkv)
         b, t, c3 = qkv.shape
-        c = c3 // 3
-        d = c // n_head
+        if c3 % (3 * n_head):
+            raise ValueError(f"SelfAttention: qkv has {c3} features, not 3 x {n_head} heads x "
+                             f"a head size")
+        d = c3 // (3 * n_head)
+        if kv_cache is not None and is_grad_enabled():
+            raise RuntimeError("SelfAttention: a KVCache is for inference only (no gradient "
+                               "flows through it); decode under tl.no_grad(), or train "
+                               "without kv_cache")
         # (B, T, 3, H, D) -> (3, B, H, T, D), one copy; q, k, v are views of it
         heads = xp.ascontiguousarray(qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4))
-        heads = heads.reshape(3, b * n_head, t, d)
         if cos is not None:
             heads[:2] = rotate(heads[:2], cos, sin)
         q, k, v = heads[0], heads[1], heads[2]
-        if cache is not None:
-            # decoding (no gradient): ``cache`` = (k_buf, v_buf, lo), buffers (B*H, max, D);
-            # write the new keys/values at lo.., attend over everything cached so far
-            k_buf, v_buf, lo = cache
-            k_buf[:, lo:lo + t], v_buf[:, lo:lo + t] = k, v
-            k, v = k_buf[:, :lo + t], v_buf[:, :lo + t]
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)                       # (B, H, cached + T, D)
+        tk, g_ = k.shape[2], b * n_head
+        q, k, v = q.reshape(g_, t, d), k.reshape(g_, tk, d), v.reshape(g_, tk, d)  # views
+        if mask is not None:
+            if mask.dtype.kind == "f":
+                mask = mask.astype(qkv.dtype, copy=False)
+            mask = xp.broadcast_to(mask, (b, n_head, t, tk)).reshape(g_, t, tk)
         scale = 1.0 / d ** 0.5
-        out, p, p_used, dmask = attention_forward(q, k, v, None, is_causal, scale, dropout_p,
+        out, p, p_used, dmask = attention_forward(q, k, v, mask, is_causal, scale, dropout_p,
                                                   generator)
         self.saved = (q, k, v, p, p_used, dmask, scale, cos, sin)
         self.dims = (b, t, n_head, d)
         # (B*H, T, D) -> (B, T, H, D) -> (B, T, C)
-        return out.reshape(b, n_head, t, d).transpose(0, 2, 1, 3).reshape(b, t, c)
+        return out.reshape(b, n_head, t, d).transpose(0, 2, 1, 3).reshape(b, t, n_head * d)
 
     def backward(self, g):
         xp = backend.xp_of(g)
         q, k, v, p, p_used, dmask, scale, cos, sin = self.saved
         b, t, h, d = self.dims
         g3 = xp.ascontiguousarray(g.reshape(b, t, h, d).transpose(0, 2, 1, 3)).reshape(b * h, t, d)
-        dq, dk, dv = attention_backward(g3, q, k, v, p, p_used, dmask, scale)
-        dqkv = xp.empty((b, t, 3, h, d), dtype=g.dtype)
-        grads = [dq, dk, dv]
-        if cos is not None:  # the rotation's backward is the rotation by the opposite angle
-            grads[0], grads[1] = rotate(dq, cos, -sin), rotate(dk, cos, -sin)
-        for i, gi in enumerate(grads):
-            dqkv[:, :, i] = gi.reshape(b, h, t, d).transpose(0, 2, 1, 3)
-        return dqkv.reshape(b, t, 3 * h * d)
+        need_qkv = self.needs_input_grad[0]
+        need_mask = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
+        ds = xp.empty_like(p) if need_mask else None                      # (B*H, T, Tk)
+        dq, dk, dv = attention_backward(g3, q, k, v, p, p_used, dmask, scale, (need_qkv,) * 3,
+                                        dscores=ds)
+        dqkv = None
+        if need_qkv:
+            dqkv = xp.empty((b, t, 3, h, d), dtype=g.dtype)
+            grads = [dq, dk, dv]
+            if cos is not None:  # the rotation's backward is the rotation by the opposite angle
+                grads[0], grads[1] = rotate(dq, cos, -sin), rotate(dk, cos, -sin)
+            for i, gi in enumerate(grads):
+                dqkv[:, :, i] = gi.reshape(b, h, t, d).transpose(0, 2, 1, 3)
+            dqkv = dqkv.reshape(b, t, 3 * h * d)
+        return dqkv, (ds.reshape(b, h, t, p.shape[2]) if need_mask else None)
 
 
 def rotate(x, cos, sin):
@@ -715,23 +744,3 @@ class Rotary(Function):
 
     def backward(self, g):
         return rotate(g, self.cos, -self.sin)
-
-
-# ============================================================================ KV cache append
-class CacheAppend(Function):
-    """Write new keys (or values) into a preallocated cache and return every cached position.
-
-    parts: the tensors appended so far that require grad, then the new one, each (B, H, t, D);
-    buf: (B, H, max_len, D); the new part goes to buf[:, :, lo:lo+t]; ``ranges`` holds each
-    part's (start, end) in the cache. Returns a view buf[:, :, :lo+t] (positions before ``lo``
-    are never rewritten, so earlier views stay valid). Backward hands each part its slice.
-    """
-
-    def forward(self, *parts, buf, lo, ranges):
-        new = parts[-1]
-        buf[:, :, lo:lo + new.shape[2]] = new
-        self.ranges = ranges
-        return buf[:, :, :lo + new.shape[2]]
-
-    def backward(self, g):
-        return tuple(g[:, :, a:b] for a, b in self.ranges)
