@@ -163,7 +163,10 @@ def ensure_default_data(data: str, say=print) -> None:
 
 def cmd_train(args) -> int:
     from .config import TrainConfig
-    from .train import check_out, run_train_config, train
+    from .train import check_out, mpi_world, run_train_config, train
+    world = mpi_world()
+    main_rank = world is None or world.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
     given = _train_options(args)
     cfg = TrainConfig.from_dict(given)
     cfg.validate()
@@ -175,14 +178,17 @@ def cmd_train(args) -> int:
         cfg, changed = TrainConfig.for_resume(saved, given)
         cfg.validate()
         if changed:
-            print("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
-                                               for k, (was, now) in changed.items()))
-    ensure_default_data(cfg.data)
+            say("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
+                                             for k, (was, now) in changed.items()))
+    if main_rank:
+        ensure_default_data(cfg.data)
+    if world is not None:
+        world.barrier()             # the other ranks wait until rank 0 prepared the data
     summary = train(cfg)
     if summary["interrupted"]:
         return 143 if summary["interrupted"] == "SIGTERM" else 130
     best = summary["best_val_loss"]
-    print(f"\ndone: step {summary['step']}, best validation loss "
+    say(f"\ndone: step {summary['step']}, best validation loss "
           f"{'none' if best == float('inf') else f'{best:.4f}'} "
           f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
           f"loss.png in {summary['out']}")
@@ -352,6 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_error(command: str, e: Exception) -> None:
+    """One line on stderr. Under MPI every rank usually meets the same mistake: rank 0 says
+    it and ends the job; a rank that alone met one (a full disk) says it, with its number,
+    a moment later if rank 0 has not ended the job by then, so no rank waits forever."""
+    from .train import mpi_world
+    world = mpi_world()
+    if world is None:
+        print(f"tensorlite-gpt {command}: error: {e}", file=sys.stderr)
+        return
+    import time
+    if world.rank != 0:
+        time.sleep(1.0)
+    print(f"tensorlite-gpt {command}: error: {e}" + (f" (rank {world.rank})" if world.rank
+                                                    else ""), file=sys.stderr, flush=True)
+    world.abort(2)
+
+
 def main(argv=None) -> int:
     from gpt.data.errors import DataError
     from nn.checkpoint import CheckpointError
@@ -369,7 +392,7 @@ def main(argv=None) -> int:
     except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
         # the project's own error types say what the user can change; anything else is a bug
         # and keeps its traceback
-        print(f"tensorlite-gpt {args.command}: error: {e}", file=sys.stderr)
+        _user_error(args.command, e)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -152,6 +153,16 @@ class _Log:
 
     def close(self):
         self.f.close()
+
+
+class _NoLog:
+    """Ranks other than 0 write no log."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def json_safe(obj):
@@ -302,13 +313,14 @@ class _Peak:
     measurements, refreshed at each evaluation and whenever an MFU above 1 appears; what is
     still above 1 after that is logged as 1.0 with ``"mfu_capped": true``."""
 
-    def __init__(self, device: str):
-        self.device = device
+    def __init__(self, device: str, ranks: int = 1):
+        self.device, self.ranks = device, ranks
         self.flops = 0.0
         self.refresh()
 
     def refresh(self) -> None:
-        self.flops = max(self.flops, measure_gemm_peak(self.device))
+        # each rank has its share of the machine: the job's peak is the sum of theirs
+        self.flops = max(self.flops, self.ranks * measure_gemm_peak(self.device))
 
     def mfu(self, flops_per_s: float) -> tuple[float, bool]:
         if flops_per_s > self.flops:
@@ -366,12 +378,62 @@ def check_memory(model_cfg: GPTConfig, cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ training
+def init_parallel_for(cfg: TrainConfig):
+    """The MPI groups for --dp (None for one process): checks that the world the launcher
+    started matches the options, before anything else happens."""
+    p = cfg.parallel
+    try:
+        import parallel
+        world = parallel.world_group().size
+    except ImportError:          # mpi4py missing: one process only
+        parallel, world = None, 1
+    if p.dp == 1 and world == 1:
+        if p.zero:
+            raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
+                              "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
+        return None
+    if parallel is None or world != p.dp:
+        how = ("install mpi4py and an MPI (pip install -e '.[mpi]'), then " if parallel is None
+               else "")
+        if world > p.dp:
+            raise ConfigError(f"the launcher started {world} processes but --dp is {p.dp}: pass "
+                              f"--dp {world} (the data-parallel degree must equal the number of "
+                              "ranks)")
+        raise ConfigError(f"--dp {p.dp} but the launcher started {world} process(es): {how}run "
+                          f"`mpiexec -n {p.dp} tensorlite-gpt train --dp {p.dp} ...` (the data-"
+                          "parallel degree must equal the number of ranks)")
+    return parallel.init_parallel()
+
+
+def mpi_world():
+    """The MPI world group when this process runs under a launcher with several ranks and
+    mpi4py is loaded, else None (one process: no MPI is imported for it)."""
+    if "mpi4py.MPI" not in sys.modules and not any(
+            k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+        return None
+    try:
+        import parallel
+        world = parallel.world_group()
+    except ImportError:
+        return None
+    return world if world.size > 1 else None
+
+
 class Trainer:
+    """One training run. Single process: forward_backward -> clip -> optimizer_step. With
+    data parallelism (--dp N under mpiexec) the same loop runs on every rank on its slice of
+    the global batch, and only two parts change: reduce_gradients averages the gradients
+    (bucketed all-reduces that started during backward; with --zero 1 a reduce-scatter) and
+    the loss over the ranks, and the optimizer step of ZeRO-1 updates this rank's shard then
+    all-gathers the parameters. Only rank 0 prints and writes files."""
+
     def __init__(self, cfg: TrainConfig, say=print):
         from .data.prepare import load_prepared
         cfg.validate()
+        self.par = init_parallel_for(cfg)
+        self.is_main = self.par is None or self.par.is_main
         check_out(cfg)
-        self.cfg, self.say = cfg, say
+        self.cfg, self.say = cfg, (say if self.is_main else (lambda *a, **k: None))
         self.out = Path(cfg.out)
         self.meta, self.tokenizer, train_path, val_path = load_prepared(cfg.data)
         vocab = self.tokenizer.vocab_size
@@ -379,10 +441,23 @@ class Trainer:
         check_memory(self.model_cfg, cfg)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
-        self.opt = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                         betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        groups = param_groups(self.model, cfg.weight_decay)
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        self.ddp = None
+        if self.par is not None and cfg.parallel.zero:
+            import parallel
+            self.opt = parallel.ZeroAdamW(groups, self.par.dp, **adam)  # broadcasts rank 0's
+        else:
+            self.opt = AdamW(groups, **adam)
+            if self.par is not None:
+                import parallel
+                self.ddp = parallel.DataParallel(self.model, self.par.dp,
+                                                 bucket_cap_mb=cfg.parallel.bucket_mb)
         bs = self.model_cfg.block_size
-        self.train_loader = BatchLoader(train_path, cfg.batch_size, bs, seed=cfg.seed)
+        dp = self.par.dp if self.par is not None else None
+        self.train_loader = BatchLoader(train_path, cfg.batch_size, bs, seed=cfg.seed,
+                                        rank=dp.rank if dp else 0,
+                                        world_size=dp.size if dp else 1)
         self.val_loader = BatchLoader(val_path, cfg.batch_size, bs, mode="sequential")
         self.eval_steps = min(cfg.eval_steps, self.val_loader.steps_per_epoch)
         self.step = 0
@@ -402,10 +477,15 @@ class Trainer:
                 "data_meta": self.meta}
 
     def save(self, name: str) -> Path:
+        """Save a checkpoint (every rank calls this: ZeRO-1 gathers its state from all of
+        them, in the unsharded AdamW's format; rank 0 writes)."""
         path = self.out / "ckpt" / name
-        with _writing(path):
-            ckpt.save_checkpoint(path, model=self.model, optimizer=self.opt,
-                                 config=self.model_cfg.to_dict(), extra=json_safe(self._state()))
+        opt = self.opt.unsharded() if hasattr(self.opt, "unsharded") else self.opt
+        if self.is_main:
+            with _writing(path):
+                ckpt.save_checkpoint(path, model=self.model, optimizer=opt,
+                                     config=self.model_cfg.to_dict(),
+                                     extra=json_safe(self._state()))
         if name == "latest":
             self.last_ckpt, self.saved_step = path, self.step
         return path
@@ -425,7 +505,12 @@ class Trainer:
                 continue
             meta = ckpt.load_checkpoint(path)           # meta only: nothing loaded yet
             self._check_same_run(path, meta)
-            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
+            if hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
+                full = AdamW([dict(g) for g in self.opt.param_groups])
+                meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
+                self.opt.load_state_dict(full.state_dict())
+            else:
+                meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
             extra = meta["extra"]
             was = (extra.get("loader") or {}).get("batch_size")
             if was is not None and was != self.cfg.batch_size:
@@ -471,22 +556,43 @@ class Trainer:
                               "same options or another --out")
 
     # -- one step ----------------------------------------------------------------------------
-    # A step is three parts, each replaceable on its own: forward_backward (the micro-batches),
-    # clip (the global gradient norm) and optimizer_step.
+    # A step is four parts, each replaceable on its own: forward_backward (the micro-batches),
+    # reduce_gradients (nothing for one process), clip (the global gradient norm) and
+    # optimizer_step.
     def forward_backward(self) -> float:
-        """Sum the gradients of grad_accum micro-batches; the mean loss over them."""
+        """Sum the gradients of grad_accum micro-batches; the mean loss over them. Under
+        data parallelism only the last micro-batch's backward starts the all-reduces."""
         cfg, model = self.cfg, self.model
         total = 0.0
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             x, y = self.train_loader.next_batch()
-            _, loss = model(tl.tensor(x, device=cfg.device), tl.tensor(y, device=cfg.device))
-            (loss / cfg.grad_accum).backward()
+            sync = self.ddp is None or i == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                _, loss = model(tl.tensor(x, device=cfg.device), tl.tensor(y, device=cfg.device))
+                (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         return total
 
+    def reduce_gradients(self, loss: float) -> float:
+        """Average the gradients over the data-parallel ranks (wait for the bucketed
+        all-reduces, or ZeRO-1's reduce-scatter) and return the loss of the whole global batch,
+        the number one process would log."""
+        if self.par is None:
+            return loss
+        import parallel
+        if self.ddp is not None:
+            self.ddp.finish()
+        else:
+            self.opt.reduce_gradients()
+        return parallel.all_reduce_mean(loss, self.par.dp)
+
     def clip(self) -> float:
         cfg = self.cfg
-        return clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+        if cfg.grad_clip <= 0:
+            return 0.0
+        if hasattr(self.opt, "clip_grad_norm_"):      # ZeRO-1: the norm of all the shards
+            return self.opt.clip_grad_norm_(cfg.grad_clip)
+        return clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
 
     def optimizer_step(self) -> None:
         self.opt.step()
@@ -498,7 +604,7 @@ class Trainer:
         lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        loss = self.forward_backward()
+        loss = self.reduce_gradients(self.forward_backward())
         if not math.isfinite(loss):
             self.opt.zero_grad()
             return loss, float("nan")
@@ -507,10 +613,12 @@ class Trainer:
         return loss, norm
 
     # -- the loop ------------------------------------------------------------------------------
-    def _start_writing(self) -> None:
-        """The first writes of the run: every check has passed."""
+    def _start_writing(self):
+        """The first writes of the run (rank 0's): every check has passed."""
         cfg = self.cfg
         from .data.tokenizer import tokenizer_filename
+        if not self.is_main:
+            return _NoLog()
         with _writing(self.out):
             if cfg.overwrite:
                 for name in RUN_FILES:
@@ -532,14 +640,14 @@ class Trainer:
         self.baseline = unigram_baseline(np.asarray(self.train_loader._tokens()),
                                          np.asarray(self.val_loader._tokens()),
                                          self.tokenizer.vocab_size)
-        peak = _Peak(cfg.device)
+        peak = _Peak(cfg.device, ranks=self.par.world.size if self.par else 1)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
         self.say(f"model: {self.model.num_parameters():,} parameters "
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
                  f"{tokens_per_step} tokens/step; unigram baseline {self.baseline:.3f} nats"
                  + (f"; resumed at step {self.step}" if resumed else ""))
-        bar = _progress(cfg.progress, self.step, cfg.max_steps)
+        bar = _progress(cfg.progress and self.is_main, self.step, cfg.max_steps)
         interrupted, stopped = False, None
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
         kill_at = int(os.environ.get("TENSORLITE_TEST_KILL_AT_STEP", "-1"))  # tests: SIGKILL here
@@ -580,13 +688,16 @@ class Trainer:
                         if not math.isfinite(val):   # weights that blew up are not saved
                             stopped = self._nonfinite_message(val, "validation loss")
                             break
-                    if (self.step % ckpt_every == 0 or self.step == cfg.max_steps or (
-                            cfg.ckpt_minutes and time.monotonic() - last_save
-                            >= 60 * cfg.ckpt_minutes)):
+                    due = bool(cfg.ckpt_minutes) and (time.monotonic() - last_save
+                                                      >= 60 * cfg.ckpt_minutes)
+                    # every rank must take the same decisions (a save is collective under
+                    # ZeRO-1, a signal may reach the ranks at different moments)
+                    due, stop = self._agree(due, ctrl_c.requested)
+                    if self.step % ckpt_every == 0 or self.step == cfg.max_steps or due:
                         self.save("latest")
                         last_save, saved = time.monotonic(), True
-                    if ctrl_c.requested and self.step < cfg.max_steps:
-                        interrupted = signal.Signals(ctrl_c.signum).name
+                    if stop and self.step < cfg.max_steps:
+                        interrupted = signal.Signals(ctrl_c.signum or signal.SIGINT).name
                         if not saved:
                             self.save("latest")
                         self.say(f"\ninterrupted ({interrupted}): saved step {self.step} to "
@@ -607,11 +718,20 @@ class Trainer:
         summary = {"step": self.step, "checkpoint_step": self.saved_step,
                    "best_val_loss": self.best_val, "unigram_baseline": self.baseline,
                    "interrupted": interrupted, "stopped": stopped, "out": str(self.out)}
-        with _writing(self.out / "summary.json"):
-            _atomic_json(self.out / "summary.json", json_safe(summary))
+        if self.is_main:
+            with _writing(self.out / "summary.json"):
+                _atomic_json(self.out / "summary.json", json_safe(summary))
         if stopped:
             raise TrainingError(stopped)
         return summary
+
+    def _agree(self, *flags: bool) -> tuple:
+        """Each flag true on every rank if it is true on any (one process: as given)."""
+        if self.par is None:
+            return flags
+        a = np.array(flags, dtype=np.int64)
+        self.par.world.all_reduce(a, op="max")
+        return tuple(bool(v) for v in a)
 
     def _nonfinite_message(self, loss: float, what: str = "loss") -> str:
         where = (f"the last good checkpoint of this run is {self.last_ckpt} (step "
@@ -628,8 +748,9 @@ class Trainer:
         if val < self.best_val:
             self.best_val = val
             self.save("best")
-        with _writing(self.out / "loss.png"):
-            plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
+        if self.is_main:
+            with _writing(self.out / "loss.png"):
+                plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
         self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
                  f"{math.exp(min(val, 50)):.1f}; unigram baseline {self.baseline:.3f})")
         return val
@@ -667,7 +788,7 @@ def _progress(enabled: bool, initial: int, total: int):
 def train(cfg: TrainConfig, say=print) -> dict:
     trainer = Trainer(cfg, say)
     summary = trainer.run()
-    if cfg.samples and not summary["interrupted"]:
+    if cfg.samples and not summary["interrupted"] and trainer.is_main:
         say("\nsamples (prompt | continuation):")
         for prompt, cont in trainer.sample(cfg.samples, cfg.sample_tokens):
             say("-" * 72 + f"\n{prompt}|{cont}")

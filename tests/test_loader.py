@@ -97,3 +97,48 @@ def test_state_mismatch_and_bad_options(shard):
         BatchLoader(path, 0, 32)
     with pytest.raises(DataError, match="1-D integers"):
         BatchLoader(np.zeros((10, 10)), 1, 2)
+
+
+# ----------------------------------------------------------------------------- data parallel
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_together_read_exactly_the_single_process_batch(shard, mode, world_size):
+    path, _ = shard
+    single = BatchLoader(path, 8, 32, seed=4, mode=mode)
+    ranks = [BatchLoader(path, 8, 32, seed=4, mode=mode, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    for _ in range(5):
+        x, y = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        assert all(px.shape == (8 // world_size, 32) for px, _ in parts)
+        assert np.array_equal(np.concatenate([px for px, _ in parts]), x)   # rank r: rows
+        assert np.array_equal(np.concatenate([py for _, py in parts]), y)   # [r*b/w, (r+1)*b/w)
+
+
+def test_loader_state_resumes_under_another_number_of_ranks(shard):
+    path, _ = shard
+    two = [BatchLoader(path, 8, 32, seed=9, rank=r, world_size=2) for r in range(2)]
+    for loader in two:
+        for _ in range(3):
+            loader.next_batch()
+    state = json.loads(json.dumps(two[0].state_dict()))
+    assert state == two[1].state_dict()                  # the same on every rank
+    expected = BatchLoader(path, 8, 32, seed=9)
+    expected.load_state_dict(state)                      # one process continues...
+    x, _ = expected.next_batch()
+    four = [BatchLoader(path, 8, 32, rank=r, world_size=4) for r in range(4)]
+    for loader in four:                                  # ... or four ranks do
+        loader.load_state_dict(state)
+    assert np.array_equal(np.concatenate([loader.next_batch()[0] for loader in four]), x)
+
+
+def test_batch_size_is_the_global_batch_and_must_split_evenly(shard):
+    path, _ = shard
+    with pytest.raises(DataError, match=r"batch_size=6 is the global batch and must be divisible by world_size=4"):
+        BatchLoader(path, 6, 32, world_size=4)
+    with pytest.raises(DataError, match=r"rank=4 must be an integer in \[0, world_size=4\)"):
+        BatchLoader(path, 8, 32, rank=4, world_size=4)
+    with pytest.raises(DataError, match="world_size=0 must be a positive integer"):
+        BatchLoader(path, 8, 32, world_size=0)
+    loader = BatchLoader(path, 8, 32, rank=1, world_size=4)
+    assert loader.local_batch_size == 2 and "rank=1, world_size=4" in repr(loader)

@@ -20,6 +20,12 @@ The shard is memory-mapped afresh for each batch and released right after, so th
 process never keeps a growing set of touched pages mapped (the NumPy memmap "leak"
 seen when one map is held through a long run); opening a map is a system call, cheap
 next to a forward pass. An in-memory array can be passed instead of a path.
+
+Data parallelism: ``batch_size`` is the *global* batch. With ``world_size`` ranks, rank
+``r`` reads rows ``[r*b/w, (r+1)*b/w)`` of the batch one process would read at the same
+step (the row offsets are computed for the whole batch, then sliced), so the ranks
+together see exactly the single-process batches, and the state (step, seed, global
+batch size) is the same on every rank: a run can resume under another number of ranks.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ class BatchLoader:
         block_size: tokens per row (the model's context length).
         seed: the random-mode seed (ignored by sequential mode, kept in the state).
         mode: ``"random"`` or ``"sequential"``.
+        rank, world_size: this rank's slice of each batch under data parallelism:
+            ``batch_size`` is the global batch and must be divisible by ``world_size``;
+            each batch has ``batch_size // world_size`` rows.
     """
 
     def __init__(
@@ -54,15 +63,26 @@ class BatchLoader:
         block_size: int,
         seed: int = 0,
         mode: str = "random",
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        for name, value in (("batch_size", batch_size), ("block_size", block_size)):
+        for name, value in (("batch_size", batch_size), ("block_size", block_size), ("world_size", world_size)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise DataError(f"{name}={value!r} must be a positive integer")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise DataError(f"seed={seed!r} must be a non-negative integer")
         if mode not in MODES:
             raise DataError(f"mode={mode!r} is not a loader mode: use one of {MODES}")
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or not 0 <= rank < world_size:
+            raise DataError(f"rank={rank!r} must be an integer in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise DataError(
+                f"batch_size={batch_size} is the global batch and must be divisible by world_size={world_size} "
+                f"(each rank reads batch_size / world_size rows); use a multiple of {world_size}"
+            )
         self.batch_size, self.block_size, self.seed, self.mode = int(batch_size), int(block_size), int(seed), mode
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.local_batch_size = self.batch_size // self.world_size
         self.step = 0
 
         if isinstance(source, (str, os.PathLike)):
@@ -98,7 +118,7 @@ class BatchLoader:
         return -(-self.num_windows // self.batch_size)
 
     def starts(self, step: int) -> np.ndarray:
-        """Row start offsets of batch ``step``, (batch_size,) int64."""
+        """Row start offsets of the whole (global) batch ``step``, (batch_size,) int64."""
         if self.mode == "random":
             rng = np.random.default_rng([self.seed, int(step)])
             return rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size, dtype=np.int64)
@@ -113,11 +133,13 @@ class BatchLoader:
         return np.memmap(self._path, dtype=self._dtype, mode="r", offset=HEADER_SIZE, shape=(self.n_tokens,))
 
     def get_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch number ``step`` (does not move the loader's position)."""
+        """This rank's rows of batch number ``step`` (does not move the loader's position)."""
+        b = self.local_batch_size
+        starts = self.starts(step)[self.rank * b : (self.rank + 1) * b]  # this rank's slice
         tokens = self._tokens()
         width = self.block_size + 1
-        rows = np.empty((self.batch_size, width), dtype=np.int64)  # (batch, block + 1)
-        for r, s in enumerate(self.starts(step).tolist()):
+        rows = np.empty((b, width), dtype=np.int64)  # (local batch, block + 1)
+        for r, s in enumerate(starts.tolist()):
             rows[r] = tokens[s : s + width]  # contiguous read from the map
         del tokens  # unmap
         return rows[:, :-1], rows[:, 1:]
@@ -149,7 +171,8 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict`. The seed and step are taken from the state; the batch
-        geometry and the data must match, or the resumed batches would differ."""
+        geometry and the data must match, or the resumed batches would differ. The number
+        of ranks may differ: the state holds the global batch, not a rank's slice."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
         for key in ("mode", "batch_size", "block_size", "n_tokens"):
@@ -164,5 +187,6 @@ class BatchLoader:
     def __repr__(self) -> str:
         return (
             f"BatchLoader({self.name!r}, batch_size={self.batch_size}, block_size={self.block_size}, "
-            f"seed={self.seed}, mode={self.mode!r}, step={self.step}, n_tokens={self.n_tokens})"
+            f"seed={self.seed}, mode={self.mode!r}, step={self.step}, n_tokens={self.n_tokens}"
+            + (f", rank={self.rank}, world_size={self.world_size})" if self.world_size > 1 else ")")
         )

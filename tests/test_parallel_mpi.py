@@ -1,0 +1,136 @@
+"""parallel/ on 2 and 4 real ranks: each test launches ``mpiexec -n N`` on a script in
+tests/mpi/ (with a timeout, the ranks in their own process group so none outlives it).
+
+Proofs by equivalence (tests/mpi/dp_equivalence.py): data parallel and ZeRO-1 on N ranks
+take the same 5 AdamW steps (clipping, 2 micro-steps) as one process on the same global
+batch, float64 to 1e-10 per element and float32 to 1e-5 per tensor (relative L2; the
+script says why not per element); every rank holds bit-identical parameters;
+ZeRO's gathered state is AdamW's state_dict, reshards exactly, and resumes across degrees
+through nn.checkpoint. Plus: groups and collectives, unused parameters, the abort path.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import nn
+import tensorlite as tl
+
+HERE = Path(__file__).parent
+SCRIPTS = HERE / "mpi"
+
+
+def _mpiexec():
+    local = Path(sys.executable).parent / "mpiexec"        # the one the mpich wheel installs
+    return str(local) if local.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    reason="needs mpi4py and mpiexec: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
+
+
+def run_mpi(n: int, script: str, *args, timeout: float = 90):
+    """``mpiexec -n n python tests/mpi/<script> args`` -> (returncode, stdout, stderr, seconds)."""
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE.parent, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)                 # mpiexec and every rank
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hang)\n{out}\n{err}")
+    return proc.returncode, out, err, time.monotonic() - t0
+
+
+def result_of(n: int, script: str, *args) -> dict:
+    rc, out, err, _ = run_mpi(n, script, *args)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert rc == 0 and lines, f"{script} on {n} ranks failed (status {rc}):\n{out}\n{err}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
+def equivalence(request):
+    return result_of(request.param, "dp_equivalence.py")
+
+
+# ----------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_data_parallel_and_zero_equal_one_process(equivalence, dtype):
+    r, tol = equivalence[dtype], {"float64": 1e-10, "float32": 1e-5}[dtype]
+    # the script asserted every step and tensor (and bit-identity across ranks); these are
+    # the worst errors it saw
+    for key in ("dp_vs_single", "grads_dp_vs_single", "zero_vs_dp", "zero_vs_single",
+                "loss_vs_single"):
+        assert r[key] <= tol, (key, r[key])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_zero_state_dict_is_adamws_and_resumes_across_degrees(equivalence, dtype):
+    r, tol = equivalence[dtype], {"float64": 1e-10, "float32": 1e-5}[dtype]
+    assert r["state_vs_adamw"] <= tol
+    assert r["resume_zero_to_single"] <= tol and r["resume_single_to_zero"] <= tol
+
+
+def test_zero_optimizer_state_per_rank_is_one_nth(equivalence):
+    n = equivalence["ranks"]
+    for dtype in ("float64", "float32"):
+        mine, full = equivalence[dtype]["state_bytes"]
+        assert full / n <= mine <= full / n + 64, (dtype, mine, full)   # + padding
+
+
+def _leaf_grads_arrive_during_backward() -> bool:
+    """Whether tensorlite's backward accumulates a weight's gradient (and runs its hooks)
+    right after the op that produced it, rather than after the whole graph."""
+    tl.manual_seed(0)
+    first, last = nn.Linear(3, 3), nn.Linear(3, 3)
+    seen = []
+    first.weight.register_post_accumulate_grad_hook(lambda p: seen.append("first"))
+    last.weight.register_post_accumulate_grad_hook(lambda p: seen.append("last"))
+    last(first(tl.randn(2, 3)).tanh()).sum().backward()
+    return seen == ["last", "first"]
+
+
+@pytest.mark.xfail(not _leaf_grads_arrive_during_backward(), strict=True, reason=(
+    "tensorlite's backward accumulates every leaf's gradient after the whole graph "
+    "(tensorlite/tensor.py _topo_order: a leaf is post-ordered before the subtree beside it), "
+    "so each bucket's all-reduce can only start once backward is over"))
+def test_bucketed_all_reduce_starts_while_backward_runs(equivalence):
+    """The first bucket (the last layers' gradients) must start its all-reduce while most
+    gradients are still to come: counted in hooks, not timed."""
+    for dtype in ("float64", "float32"):
+        r = equivalence[dtype]
+        stats = r["last_stats"]
+        assert stats["hooks"] == r["params"] and stats["launched_in_hooks"] == r["buckets"] > 2
+        assert stats["first_launch_at_hook"] <= r["params"] // 2, stats
+
+
+# ----------------------------------------------------------------------------- the rest
+def test_groups_collectives_threads_and_unused_parameters():
+    r = result_of(4, "collectives.py")
+    assert r["groups"] == {"dp": [[0, 2], [1, 3]], "tp": [[0, 1], [2, 3]],
+                           "pp": [[0], [1], [2], [3]]}
+    assert r["unused_parameters"] == "ok"
+
+
+@pytest.mark.parametrize("how,status,message", [
+    ("raise", 1, "rank 1: ValueError: boom on rank 1"),
+    ("exit", 2, "rank 1: exited with status 2"),
+])
+def test_a_failing_rank_ends_every_rank_with_its_message(how, status, message):
+    rc, out, err, seconds = run_mpi(4, "abort.py", how, timeout=60)
+    assert rc == status, (rc, out, err)
+    assert message in err, err
+    assert "finished" not in out, out          # no rank carried on past the failure
+    assert seconds < 30, seconds               # ended by the abort, not the timeout
