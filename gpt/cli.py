@@ -372,6 +372,7 @@ def _user_error(command: str, e: Exception) -> None:
         time.sleep(1.0)
     print(f"tensorlite-gpt {command}: error: {e}" + (f" (rank {world.rank})" if world.rank
                                                     else ""), file=sys.stderr, flush=True)
+    time.sleep(0.3)             # let the launcher forward the line before the job ends
     world.abort(2)
 
 

@@ -1,0 +1,110 @@
+"""`tensorlite-gpt train --dp N [--zero 1]` under mpiexec logs what one process logs, step for
+step, writes only from rank 0, resumes under another degree, and refuses a degree that does
+not match the launcher."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec")
+try:
+    import mpi4py  # noqa: F401
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+pytestmark = pytest.mark.skipif(not (MPIEXEC and HAVE_MPI4PY),
+                                reason="MPI tests need mpi4py and mpiexec: pip install -e '.[mpi]'")
+
+COMMON = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--block-size", "16",
+          "--batch-size", "8", "--max-steps", "8", "--eval-interval", "4", "--eval-steps", "2",
+          "--log-interval", "1", "--samples", "0", "--no-progress", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from gpt.data.prepare import prepare
+    src = tmp_path_factory.mktemp("src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
+        (src / name).write_text((stdlib / name).read_text())
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(str(src), out, tokenizer="byte", progress=False)
+    return out
+
+
+def _train(args, n=1, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT), TENSORLITE_NUM_THREADS="1")
+    e.update(env or {})
+    cmd = [sys.executable, "-m", "gpt.cli", "train", *args]
+    if n > 1:
+        cmd = [MPIEXEC, "-n", str(n), *cmd]
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=240)
+
+
+def _log(out):
+    return [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _numbers(out):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in _log(out)]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("layout", [["--dp", "2"], ["--dp", "2", "--zero", "1"],
+                                    ["--dp", "4", "--grad-accum", "2"]])
+def test_data_parallel_run_logs_what_one_process_logs(data, tmp_path, layout, dtype, tol):
+    n = int(layout[1])
+    args = ["--data", str(data), *COMMON, "--dtype", dtype,
+            *(["--grad-accum", "2"] if "--grad-accum" in layout else [])]
+    one = _train([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    par = _train([*args, "--out", str(tmp_path / "par"), *layout[:2],
+                  *(layout[2:4] if "--zero" in layout else [])], n=n)
+    assert par.returncode == 0, par.stderr
+    a, b = _numbers(tmp_path / "one"), _numbers(tmp_path / "par")
+    assert [r[0] for r in a] == [r[0] for r in b] and len(a) == 10
+    for (_, la, va), (_, lb, vb) in zip(a, b):
+        x, y = (la, lb) if la is not None else (va, vb)
+        assert abs(x - y) <= tol * max(1.0, abs(x)), (a, b)
+    assert par.stdout.count("done: step 8") == 1          # only rank 0 prints
+    assert not list(tmp_path.glob("par/*.tmp*"))
+
+
+def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
+    """The checkpoint of a DP run holds the unsharded AdamW state: it resumes in one process
+    and under ZeRO-1 with another degree, continuing the same losses."""
+    args = ["--data", str(data), *COMMON, "--dtype", "float64", "--ckpt-interval", "4"]
+    full = _train([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    first = _train([*args, "--out", str(tmp_path / "cut"), "--dp", "2", "--zero", "1"], n=2,
+                   env={"TENSORLITE_TEST_KILL_AT_STEP": "5"})
+    assert first.returncode != 0
+    again = _train(["--out", str(tmp_path / "cut"), "--resume", "--dp", "1", "--zero", "0",
+                    "--no-progress"])
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step 4" in again.stdout
+    for (s1, l1, v1), (s2, l2, v2) in zip(_numbers(tmp_path / "full"), _numbers(tmp_path / "cut")):
+        assert s1 == s2
+        x, y = (l1, l2) if l1 is not None else (v1, v2)
+        assert abs(x - y) <= 1e-10 * max(1.0, abs(x))
+
+
+@pytest.mark.parametrize("n,extra,msg", [
+    (2, [], "the launcher started 2 processes but --dp is 1: pass --dp 2"),
+    (1, ["--dp", "2"], "--dp 2 but the launcher started 1 process(es)"),
+    (2, ["--dp", "2", "--batch-size", "7"], "--batch-size 7 is the global micro-batch"),
+    (1, ["--zero", "1"], "--zero 1 shards the optimizer state"),
+])
+def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
+    r = _train(["--data", str(data), *COMMON, "--out", str(tmp_path / "r"), *extra], n=n)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and msg in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
