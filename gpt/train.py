@@ -604,6 +604,12 @@ class Trainer:
         lr = warmup_cosine(self.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
         for g in self.opt.param_groups:
             g["lr"] = lr
+        if self.par is not None:
+            # each rank draws its own dropout masks (the same seed on every rank would drop
+            # the same units for every slice of the batch), as a function of (seed, rank,
+            # step) so that a resumed run draws them again without saving every rank's state
+            tl.manual_seed(int(np.random.SeedSequence(
+                [cfg.seed, self.par.world.rank, self.step]).generate_state(1)[0]))
         loss = self.reduce_gradients(self.forward_backward())
         if not math.isfinite(loss):
             self.opt.zero_grad()

@@ -108,3 +108,18 @@ def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
     assert len(lines) == 1 and msg in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_dp_with_dropout_resumes_exactly(data, tmp_path):
+    """Each rank's dropout masks are a function of (seed, rank, step): a DP run with dropout
+    killed mid-way and resumed logs what the uninterrupted DP run logs."""
+    args = ["--data", str(data), *COMMON, "--dropout", "0.2", "--ckpt-interval", "4",
+            "--dp", "2"]
+    full = _train([*args, "--out", str(tmp_path / "full")], n=2)
+    assert full.returncode == 0, full.stderr
+    cut = _train([*args, "--out", str(tmp_path / "cut")], n=2,
+                 env={"TENSORLITE_TEST_KILL_AT_STEP": "6"})
+    assert cut.returncode != 0
+    again = _train(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"], n=2)
+    assert again.returncode == 0, again.stderr
+    assert _numbers(tmp_path / "full") == _numbers(tmp_path / "cut")
