@@ -551,30 +551,45 @@ def _to_array(data, dtype, device):
 
 # ----------------------------------------------------------------------------- backward
 def _topo_order(root: Tensor) -> list:
-    """Tensors reachable from ``root`` that need grad, each after all tensors that use it
-    (reverse post-order of an iterative DFS, so a 10,000-op chain is fine)."""
-    order, visited = [], set()
-    stack = [(root, False)]
-    while stack:
-        t, expanded = stack.pop()
-        if expanded:
-            order.append(t)
+    """Tensors reachable from ``root`` that need grad, each after every tensor that uses it,
+    and each leaf right after its last user: its gradient is then complete while backward
+    still runs through the earlier layers, so its post-accumulate hooks fire early (data
+    parallelism starts a bucket's all-reduce from them and hides it behind the rest).
+
+    Kahn's algorithm, iterative (a 10,000-op chain is fine): count each tensor's users, then
+    a tensor is ready when all its users are done; of an op's inputs that become ready, the
+    leaves are taken first."""
+    users, stack, seen = {}, [root], {id(root)}
+    while stack:                                  # 1. count the users of every tensor
+        ctx = stack.pop()._ctx
+        if ctx is None:
             continue
-        if id(t) in visited:
-            continue
-        visited.add(id(t))
-        stack.append((t, True))
+        if ctx.freed:
+            raise RuntimeError(
+                f"backward(): trying to backward through the graph a second time (the "
+                f"buffers of {ctx.name} were freed after the first backward); call "
+                f"backward(retain_graph=True) the first time if you need to")
+        for p in ctx.parents:
+            if isinstance(p, Tensor) and p.requires_grad:
+                users[id(p)] = users.get(id(p), 0) + 1
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    stack.append(p)
+    order, ready = [], [root]
+    while ready:                                  # 2. a tensor once all its users are done
+        t = ready.pop()
+        order.append(t)
         ctx = t._ctx
-        if ctx is not None:
-            if ctx.freed:
-                raise RuntimeError(
-                    f"backward(): trying to backward through the graph a second time (the "
-                    f"buffers of {ctx.name} were freed after the first backward); call "
-                    f"backward(retain_graph=True) the first time if you need to")
-            for p in ctx.parents:
-                if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
-                    stack.append((p, False))
-    order.reverse()
+        if ctx is None:
+            continue
+        done = []
+        for p in ctx.parents:
+            if isinstance(p, Tensor) and p.requires_grad:
+                users[id(p)] -= 1
+                if users[id(p)] == 0:
+                    done.append(p)
+        # pushed last, popped first: the leaves, then the inputs that lead further back
+        ready.extend(sorted(done, key=lambda p: p._ctx is None))
     return order
 
 

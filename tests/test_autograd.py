@@ -359,3 +359,22 @@ def test_inplace_change_of_a_saved_tensor_is_detected():
     a += 1
     y.backward()
     np.testing.assert_array_equal(w.grad.numpy(), [1, 1])
+
+
+def test_leaf_gradients_are_complete_as_soon_as_their_last_user_is_done():
+    """Backward accumulates a weight's gradient (and runs its post-accumulate hooks) right
+    after the last op that used it, not after the whole graph: data parallelism starts its
+    all-reduces from those hooks while backward goes on through the earlier layers."""
+    events = []
+    x = tl.randn(4, 8)
+    ws = [tl.randn(8, 8, requires_grad=True) for _ in range(3)]
+    for i, w in enumerate(ws):
+        w.register_post_accumulate_grad_hook(lambda t, i=i: events.append(f"w{i}"))
+    h = x
+    for i, w in enumerate(ws):
+        h = (h @ w).tanh()
+        h.register_hook(lambda g, i=i: events.append(f"h{i}"))
+    h.sum().backward()
+    # the output layer's weight is done before the gradient reaches the first layer
+    assert events.index("w2") < events.index("h1") < events.index("w1") < events.index("h0")
+    assert events.index("w1") < events.index("h0") < events.index("w0")
