@@ -13,11 +13,12 @@ How the averaging hides behind the backward pass (PyTorch DDP's reducer):
     starts (MPI_Iallreduce) while backward goes on with the earlier layers; finish() waits
     for all of them, and each .grad becomes a view of its slot: the average.
 
-The overlap needs backward to accumulate each weight's gradient (and run its hook) as soon
-as it is complete. tensorlite's backward at the time of writing accumulates every leaf
-after the whole graph, so the hooks all fire at the end (bench/README.md, "Data
-parallelism", measures it and the one-function change that fixes it); the result is the
-same either way, only the overlap is lost.
+The overlap rests on tensorlite's backward accumulating each weight's gradient (and running
+its hook) right after the last op that used it (Kahn's order, tensorlite/tensor.py), so the
+hooks fire while backward still works through the earlier layers. MPICH moves a
+non-blocking collective forward only inside MPI calls (no progress thread by default), so
+each hook also tests the oldest request in flight (``poll_in_hooks``): bench/README.md,
+"Data parallelism", measures what that hides.
 
 Buckets start strictly in order (bucket 1 only after bucket 0), because MPI matches
 collectives on a communicator by their order on each rank: two ranks starting different

@@ -20,9 +20,6 @@ from pathlib import Path
 
 import pytest
 
-import nn
-import tensorlite as tl
-
 HERE = Path(__file__).parent
 SCRIPTS = HERE / "mpi"
 
@@ -90,25 +87,10 @@ def test_zero_optimizer_state_per_rank_is_one_nth(equivalence):
         assert full / n <= mine <= full / n + 64, (dtype, mine, full)   # + padding
 
 
-def _leaf_grads_arrive_during_backward() -> bool:
-    """Whether tensorlite's backward accumulates a weight's gradient (and runs its hooks)
-    right after the op that produced it, rather than after the whole graph."""
-    tl.manual_seed(0)
-    first, last = nn.Linear(3, 3), nn.Linear(3, 3)
-    seen = []
-    first.weight.register_post_accumulate_grad_hook(lambda p: seen.append("first"))
-    last.weight.register_post_accumulate_grad_hook(lambda p: seen.append("last"))
-    last(first(tl.randn(2, 3)).tanh()).sum().backward()
-    return seen == ["last", "first"]
-
-
-@pytest.mark.xfail(not _leaf_grads_arrive_during_backward(), strict=True, reason=(
-    "tensorlite's backward accumulates every leaf's gradient after the whole graph "
-    "(tensorlite/tensor.py _topo_order: a leaf is post-ordered before the subtree beside it), "
-    "so each bucket's all-reduce can only start once backward is over"))
 def test_bucketed_all_reduce_starts_while_backward_runs(equivalence):
     """The first bucket (the last layers' gradients) must start its all-reduce while most
-    gradients are still to come: counted in hooks, not timed."""
+    gradients are still to come: counted in hooks, not timed. (Before tensorlite's backward
+    took Kahn's order every hook fired after the whole graph: 27 of 28 here.)"""
     for dtype in ("float64", "float32"):
         r = equivalence[dtype]
         stats = r["last_stats"]
