@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -104,6 +105,9 @@ def _report(rank: int, text: str) -> None:
     sys.stdout.flush()
     sys.stderr.write("".join(f"rank {rank}: {line}\n" for line in text.rstrip("\n").split("\n")))
     sys.stderr.flush()
+    # MPI_Abort tears the job down at once; give the launcher a moment to forward the lines
+    # (without it they were lost now and then on a loaded machine)
+    time.sleep(0.3)
 
 
 def install_abort_handler(group: Group | None = None) -> None:
