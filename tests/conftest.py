@@ -17,6 +17,23 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture
+def run_cli():
+    """Run `python -m gpt.cli ARGS` in a fresh process from this checkout (for exits that
+    pytest cannot survive in-process: SIGKILL, signals, mpiexec)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+
+    def run(args, env=None, timeout=300):
+        e = dict(os.environ, PYTHONPATH=str(root))
+        e.update(env or {})
+        return subprocess.run([sys.executable, "-m", "gpt.cli", *args], env=e,
+                              capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

@@ -1,9 +1,6 @@
 """Training: exact resume after SIGKILL, non-finite losses, Ctrl-C, and the CLI's errors."""
 import json
-import os
 import signal
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -14,7 +11,6 @@ from gpt.cli import main
 from gpt.data.prepare import prepare
 from gpt.train import Trainer, TrainConfig, TrainingError, train
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--block-size", "16",
          "--batch-size", "4", "--warmup-steps", "3", "--eval-steps", "2", "--samples", "0",
          "--no-progress"]
@@ -47,24 +43,18 @@ def _losses(out):
            [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
 
 
-def _cli(args, env=None):
-    e = dict(os.environ, PYTHONPATH=str(ROOT))
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gpt.cli", *args], env=e, capture_output=True,
-                          text=True, timeout=300)
 
-
-def test_resume_after_sigkill_logs_the_same_losses(data_dir, tmp_path):
+def test_resume_after_sigkill_logs_the_same_losses(data_dir, tmp_path, run_cli):
     common = ["train", "--data", str(data_dir), *SMALL, "--max-steps", "24", "--log-interval", "1",
               "--eval-interval", "8", "--ckpt-interval", "5", "--dropout", "0.1"]
-    full = _cli(common + ["--out", str(tmp_path / "full")])
+    full = run_cli(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
-    killed = _cli(common + ["--out", str(tmp_path / "cut")],
+    killed = run_cli(common + ["--out", str(tmp_path / "cut")],
                   env={"TENSORLITE_TEST_KILL_AT_STEP": "13"})
     assert killed.returncode == -signal.SIGKILL
     cut_train, _ = _losses(tmp_path / "cut")
     assert cut_train[-1][0] == 13  # it really died mid-run (13 steps done), after the step-10 checkpoint
-    resumed = _cli(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    resumed = run_cli(common + ["--out", str(tmp_path / "cut"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step 10" in resumed.stdout
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")

@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from gpt.data.prepare import prepare
 from gpt.train import Trainer, TrainConfig, TrainingError, train
 from nn.optim import AdamW
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--block-size", "16",
          "--batch-size", "4", "--warmup-steps", "3", "--eval-steps", "2", "--samples", "0",
          "--no-progress", "--log-interval", "1"]
@@ -289,23 +286,17 @@ def test_summary_is_valid_json_before_any_evaluation(data_dir, tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------------- time checkpoints
-def _cli(args, env=None):
-    e = dict(os.environ, PYTHONPATH=str(ROOT))
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gpt.cli", *args], env=e, capture_output=True,
-                          text=True, timeout=300)
 
-
-def test_time_based_checkpoint_lets_a_killed_run_resume(data_dir, tmp_path):
+def test_time_based_checkpoint_lets_a_killed_run_resume(data_dir, tmp_path, run_cli):
     common = ["train", "--data", str(data_dir), *SMALL, "--max-steps", "8", "--dropout", "0.1",
               "--eval-interval", "100", "--ckpt-interval", "100"]
-    full = _cli(common + ["--out", str(tmp_path / "full")])
+    full = run_cli(common + ["--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     # every ~0.06 ms: each step boundary is past due, so a checkpoint follows every step
-    killed = _cli(common + ["--out", str(tmp_path / "cut"), "--ckpt-minutes", "0.000001"],
+    killed = run_cli(common + ["--out", str(tmp_path / "cut"), "--ckpt-minutes", "0.000001"],
                   env={"TENSORLITE_TEST_KILL_AT_STEP": "5"})
     assert killed.returncode == -signal.SIGKILL
-    resumed = _cli(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    resumed = run_cli(common + ["--out", str(tmp_path / "cut"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed at step 5" in resumed.stdout
     assert _losses(tmp_path / "full") == _losses(tmp_path / "cut")
