@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -161,12 +162,10 @@ def ensure_default_data(data: str, say=print) -> None:
     prepare(data=None, out_dir=data)
 
 
-def cmd_train(args) -> int:
+def _train_preflight(args, world, say):
+    """The config to train with, checked (no data read, nothing written)."""
     from .config import TrainConfig
-    from .train import check_out, mpi_world, run_train_config, train
-    world = mpi_world()
-    main_rank = world is None or world.rank == 0
-    say = print if main_rank else (lambda *a, **k: None)
+    from .train import check_out, run_train_config
     given = _train_options(args)
     cfg = TrainConfig.from_dict(given)
     cfg.validate()
@@ -174,16 +173,42 @@ def cmd_train(args) -> int:
     saved = run_train_config(cfg.out) if cfg.resume else None
     if saved:
         # --resume continues the run as it was started (its data, model, schedule); options
-        # given now override, and are named
+        # given now override, and are named; the parallel layout follows the launcher
+        if "dp" not in given:
+            given["dp"] = world.size if world is not None else 1
+            if given["dp"] == 1 and "zero" not in given:
+                given["zero"] = 0
+        if "data" in given and os.path.abspath(given["data"]) == saved.get("data"):
+            given["data"] = saved["data"]
         cfg, changed = TrainConfig.for_resume(saved, given)
         cfg.validate()
         if changed:
             say("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
-                                             for k, (was, now) in changed.items()))
+                                             for k, (was, now) in changed.items())
+                + ("; the learning-rate schedule is stretched to the new --max-steps"
+                   if "max_steps" in changed else ""))
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from nn.checkpoint import CheckpointError
+
+    from .data.errors import DataError
+    from .model import ConfigError
+    from .train import TrainingError, agree_on_errors, mpi_world, train
+    world = mpi_world()
+    main_rank = world is None or world.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    cfg, err = None, None
+    try:
+        cfg = _train_preflight(args, world, say)
+    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
+        err = e
+    agree_on_errors(world, err)     # every rank stops here if any met a mistake
     if main_rank:
         ensure_default_data(cfg.data)
     if world is not None:
-        world.barrier()             # the other ranks wait until rank 0 prepared the data
+        _wait_for_rank0(world)      # the other ranks wait until rank 0 prepared the data
     summary = train(cfg)
     if summary["interrupted"]:
         return 143 if summary["interrupted"] == "SIGTERM" else 130
@@ -193,6 +218,17 @@ def cmd_train(args) -> int:
           f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
           f"loss.png in {summary['out']}")
     return 0
+
+
+def _wait_for_rank0(world) -> None:
+    """A barrier that sleeps instead of spinning (preparing the default corpus takes rank 0
+    half a minute, and MPICH's barrier would keep the other ranks' cores busy meanwhile)."""
+    import time
+
+    import numpy as np
+    req = world.all_reduce(np.zeros(1), async_op=True)
+    while not req.test():
+        time.sleep(0.05)
 
 
 def _check_device(device: str) -> None:
@@ -359,13 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error(command: str, e: Exception) -> None:
-    """One line on stderr. Under MPI every rank usually meets the same mistake: rank 0 says
-    it and ends the job; a rank that alone met one (a full disk) says it, with its number,
-    a moment later if rank 0 has not ended the job by then, so no rank waits forever."""
-    from .train import mpi_world
+    """One line on stderr. Under MPI, a mistake found before the ranks communicate is agreed
+    on by all of them (gpt.train.agree_on_errors): one rank says it and all exit normally. A
+    mistake one rank meets later (a full disk) cannot wait for the others: that rank says it,
+    with its number (after a moment, in case rank 0 ends the job first), and ends the job
+    with MPI_Abort, so no rank waits forever."""
+    from .train import PeerError, mpi_world
     world = mpi_world()
-    if world is None:
-        print(f"tensorlite-gpt {command}: error: {e}", file=sys.stderr)
+    if world is None or getattr(e, "agreed", False):
+        if not isinstance(e, PeerError):
+            print(f"tensorlite-gpt {command}: error: {e}", file=sys.stderr)
         return
     import time
     if world.rank != 0:
@@ -376,6 +415,14 @@ def _user_error(command: str, e: Exception) -> None:
     world.abort(2)
 
 
+def _launcher_rank() -> int:
+    """This process's rank as the MPI launcher set it in the environment (0 without one)."""
+    for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
+
+
 def main(argv=None) -> int:
     from gpt.data.errors import DataError
     from nn.checkpoint import CheckpointError
@@ -384,7 +431,15 @@ def main(argv=None) -> int:
     from .train import TrainingError
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    if _launcher_rank() > 0:
+        # under mpiexec every rank parses the same command line: usage, --help and option
+        # errors are printed by rank 0 alone
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -164,7 +164,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=kv_caches[i] if kv_caches else None)
-        x = self.ln_f(x)
+        return self.logits_and_loss(self.ln_f(x), targets)
+
+    def logits_and_loss(self, x, targets=None):
+        """The final hidden states (B, T, C) -> logits (B, T, V) from the LM head, and with
+        targets (B, T) the mean cross-entropy. (Tensor parallelism swaps in its vocab-parallel
+        head and loss here: parallel.tensor_parallel_.)"""
         head = self.wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)                                 # (B, T, V)
         if targets is None:

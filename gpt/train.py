@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
@@ -274,8 +276,10 @@ def _writing(path):
     try:
         yield
     except OSError as e:
+        advice = ("free some space or choose another --out" if e.errno == errno.ENOSPC else
+                  "choose another --out")
         raise TrainingError(f"could not write {getattr(e, 'filename', None) or path}: "
-                            f"{e.strerror or e}; free some space or choose another --out") from None
+                            f"{e.strerror or e}; {advice}") from None
 
 
 class _Interrupts:
@@ -378,31 +382,62 @@ def check_memory(model_cfg: GPTConfig, cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ training
-def init_parallel_for(cfg: TrainConfig):
-    """The MPI groups for --dp (None for one process): checks that the world the launcher
-    started matches the options, before anything else happens."""
-    p = cfg.parallel
-    try:
-        import parallel
-        world = parallel.world_group().size
-    except ImportError:          # mpi4py missing: one process only
-        parallel, world = None, 1
-    if p.dp == 1 and world == 1:
+def check_world(cfg: TrainConfig, world) -> None:
+    """The parallel options against the ranks the launcher started (``world``: the MPI world
+    group, or None for one process). No communication."""
+    p, n = cfg.parallel, (world.size if world is not None else 1)
+    if p.dp == 1 and n == 1:
         if p.zero:
             raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
                               "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
-        return None
-    if parallel is None or world != p.dp:
-        how = ("install mpi4py and an MPI (pip install -e '.[mpi]'), then " if parallel is None
-               else "")
-        if world > p.dp:
-            raise ConfigError(f"the launcher started {world} processes but --dp is {p.dp}: pass "
-                              f"--dp {world} (the data-parallel degree must equal the number of "
-                              "ranks)")
-        raise ConfigError(f"--dp {p.dp} but the launcher started {world} process(es): {how}run "
-                          f"`mpiexec -n {p.dp} tensorlite-gpt train --dp {p.dp} ...` (the data-"
-                          "parallel degree must equal the number of ranks)")
-    return parallel.init_parallel()
+        return
+    if n > p.dp:
+        raise ConfigError(f"the launcher started {n} processes but --dp is {p.dp}: pass --dp {n} "
+                          "(the data-parallel degree must equal the number of ranks)")
+    if n < p.dp:
+        how = "" if "mpi4py" in sys.modules else "install mpi4py (pip install -e '.[mpi]'), then "
+        raise ConfigError(f"--dp {p.dp} but the launcher started {n} process(es): {how}run "
+                          f"`mpiexec -n {p.dp} tensorlite-gpt train --dp {p.dp} ...`, or pass "
+                          "--dp 1 to train in one process")
+
+
+class PeerError(TrainingError):
+    """Another rank met a mistake and says which; this one stops quietly."""
+
+
+def agree_on_errors(world, err: Exception | None) -> None:
+    """Before the ranks communicate for the first time, every rank learns whether any rank met
+    a mistake (all of them usually meet the same one): the lowest such rank raises its error,
+    the others PeerError, and all of them exit normally (no MPI_Abort, no rank left waiting)."""
+    if world is None:
+        if err is not None:
+            raise err
+        return
+    first = np.array([world.rank if err is not None else world.size], dtype=np.int64)
+    world.all_reduce(first, op="min")
+    if int(first[0]) == world.size:
+        return
+    e = err if err is not None and world.rank == int(first[0]) else PeerError(
+        f"rank {int(first[0])} stopped on a mistake")
+    e.agreed = True
+    raise e
+
+
+def check_same_options(world, cfg: TrainConfig) -> None:
+    """Every rank must run the same options (a rank started with another --lr would train a
+    different model silently)."""
+    if world is None:
+        return
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).digest()
+    h = np.frombuffer(digest[:8], dtype=np.int64).copy()
+    lo, hi = h.copy(), h.copy()
+    world.all_reduce(lo, op="min")
+    world.all_reduce(hi, op="max")
+    if lo[0] != hi[0]:
+        e = ConfigError("the ranks were started with different options: start every rank "
+                        "with the same command")
+        e.agreed = True
+        raise e
 
 
 def mpi_world():
@@ -428,17 +463,23 @@ class Trainer:
     all-gathers the parameters. Only rank 0 prints and writes files."""
 
     def __init__(self, cfg: TrainConfig, say=print):
-        from .data.prepare import load_prepared
-        cfg.validate()
-        self.par = init_parallel_for(cfg)
-        self.is_main = self.par is None or self.par.is_main
-        check_out(cfg)
+        world = mpi_world()
+        self.is_main = world is None or world.rank == 0
         self.cfg, self.say = cfg, (say if self.is_main else (lambda *a, **k: None))
         self.out = Path(cfg.out)
-        self.meta, self.tokenizer, train_path, val_path = load_prepared(cfg.data)
-        vocab = self.tokenizer.vocab_size
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-        check_memory(self.model_cfg, cfg)
+        # 1. every check, on every rank, before the ranks communicate
+        err = None
+        try:
+            self._preflight(world)
+        except (ConfigError, DataError, ckpt.CheckpointError, TrainingError) as e:
+            err = e
+        agree_on_errors(world, err)
+        check_same_options(world, cfg)
+        # 2. the groups, the model and the optimizer (collectives from here on)
+        self.par = None
+        if world is not None:
+            import parallel
+            self.par = parallel.init_parallel()
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
         groups = param_groups(self.model, cfg.weight_decay)
@@ -455,25 +496,39 @@ class Trainer:
                                                  bucket_cap_mb=cfg.parallel.bucket_mb)
         bs = self.model_cfg.block_size
         dp = self.par.dp if self.par is not None else None
-        self.train_loader = BatchLoader(train_path, cfg.batch_size, bs, seed=cfg.seed,
+        self.train_loader = BatchLoader(self._train_path, cfg.batch_size, bs, seed=cfg.seed,
                                         rank=dp.rank if dp else 0,
                                         world_size=dp.size if dp else 1)
-        self.val_loader = BatchLoader(val_path, cfg.batch_size, bs, mode="sequential")
+        self.val_loader = BatchLoader(self._val_path, cfg.batch_size, bs, mode="sequential")
         self.eval_steps = min(cfg.eval_steps, self.val_loader.steps_per_epoch)
         self.step = 0
         self.best_val = float("inf")
         self.baseline = None
         self.last_ckpt: Path | None = None     # this run's newest checkpoint
         self.saved_step: int | None = None     # and its step
-        # --resume: everything is read and checked here, before run() writes anything
-        self.resumed_from = self._resume() if cfg.resume else None
+        # 3. --resume: load what the preflight chose and checked; run() writes only after
+        self.resumed_from = self._load_resume_point() if self._resume_point else None
+
+    def _preflight(self, world) -> None:
+        """Every check that needs no communication: options, the launcher's ranks, --out,
+        the data, memory, and under --resume the checkpoint to continue from."""
+        from .data.prepare import load_prepared
+        cfg = self.cfg
+        cfg.validate()
+        check_world(cfg, world)
+        check_out(cfg)
+        self.meta, self.tokenizer, self._train_path, self._val_path = load_prepared(cfg.data)
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        check_memory(self.model_cfg, cfg)
+        self._resume_point = self._find_resume_point() if cfg.resume else None
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
         return {"step": self.step, "best_val": self.best_val,
                 "loader": self.train_loader.state_dict(),
                 "rng": tl.default_generator.get_state(),
-                "train_config": {**asdict(self.cfg), "data": os.path.abspath(self.cfg.data)},
+                "train_config": {**asdict(self.cfg), "data": os.path.abspath(self.cfg.data),
+                                 "model": self.model_cfg.to_dict()},
                 "data_meta": self.meta}
 
     def save(self, name: str) -> Path:
@@ -490,9 +545,10 @@ class Trainer:
             self.last_ckpt, self.saved_step = path, self.step
         return path
 
-    def _resume(self) -> Path | None:
-        """Load the checkpoint to continue from: ckpt/latest, or ckpt/best (with a warning)
-        when latest is damaged. None when --out holds no run yet."""
+    def _find_resume_point(self) -> Path | None:
+        """The checkpoint --resume continues from, checked (files, model, data, batch size,
+        steps) without loading anything: ckpt/latest, or ckpt/best (with a warning) when latest
+        is damaged. None when --out holds no run yet."""
         root, damaged = self.out / "ckpt", []
         for which in ("latest", "best"):
             path = root / which
@@ -505,38 +561,44 @@ class Trainer:
                 continue
             meta = ckpt.load_checkpoint(path)           # meta only: nothing loaded yet
             self._check_same_run(path, meta)
-            if hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
-                full = AdamW([dict(g) for g in self.opt.param_groups])
-                meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
-                self.opt.load_state_dict(full.state_dict())
-            else:
-                meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
             extra = meta["extra"]
             was = (extra.get("loader") or {}).get("batch_size")
             if was is not None and was != self.cfg.batch_size:
                 raise ConfigError(f"--resume: the run was trained with --batch-size {was}, not "
                                   f"{self.cfg.batch_size}; resume with --batch-size {was} (the "
                                   "order of the data depends on it)")
-            try:
-                self.train_loader.load_state_dict(extra["loader"])
-            except DataError as e:
-                raise ConfigError(f"--resume: {e}") from None
-            self.step = int(extra["step"])
-            if self.step >= self.cfg.max_steps:
-                raise ConfigError(f"--resume: the run in {self.out} is at step {self.step} and "
+            step = int(extra["step"])
+            if step >= self.cfg.max_steps:
+                raise ConfigError(f"--resume: the run in {self.out} is at step {step} and "
                                   f"--max-steps is {self.cfg.max_steps}: nothing to train; pass a "
                                   "larger --max-steps to continue it")
-            best = extra.get("best_val")
-            self.best_val = float("inf") if best is None else float(best)
-            tl.default_generator.set_state(extra["rng"])
             if damaged:
-                self.say(f"warning: {damaged[0]}\nresuming from {path} (step {self.step}) instead")
-            self.last_ckpt, self.saved_step = path, self.step
+                self.say(f"warning: {damaged[0]}\nresuming from {path} (step {step}) instead")
             return path
         if damaged:
             raise TrainingError("--resume: " + " ".join(damaged))
         self.say(f"--resume: no checkpoint in {root}; starting fresh")
         return None
+
+    def _load_resume_point(self) -> Path:
+        path = self._resume_point
+        if hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
+            full = AdamW([dict(g) for g in self.opt.param_groups])
+            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
+            self.opt.load_state_dict(full.state_dict())
+        else:
+            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
+        extra = meta["extra"]
+        try:
+            self.train_loader.load_state_dict(extra["loader"])
+        except DataError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        self.step = int(extra["step"])
+        best = extra.get("best_val")
+        self.best_val = float("inf") if best is None else float(best)
+        tl.default_generator.set_state(extra["rng"])
+        self.last_ckpt, self.saved_step = path, self.step
+        return path
 
     def _check_same_run(self, path: Path, meta: dict) -> None:
         saved_cfg = GPTConfig.from_dict(meta["config"])
@@ -698,12 +760,12 @@ class Trainer:
                                                       >= 60 * cfg.ckpt_minutes)
                     # every rank must take the same decisions (a save is collective under
                     # ZeRO-1, a signal may reach the ranks at different moments)
-                    due, stop = self._agree(due, ctrl_c.requested)
+                    due, stop, signum = self._agree(due, ctrl_c.requested, ctrl_c.signum or 0)
                     if self.step % ckpt_every == 0 or self.step == cfg.max_steps or due:
                         self.save("latest")
                         last_save, saved = time.monotonic(), True
                     if stop and self.step < cfg.max_steps:
-                        interrupted = signal.Signals(ctrl_c.signum or signal.SIGINT).name
+                        interrupted = signal.Signals(signum or signal.SIGINT).name
                         if not saved:
                             self.save("latest")
                         self.say(f"\ninterrupted ({interrupted}): saved step {self.step} to "
@@ -731,13 +793,14 @@ class Trainer:
             raise TrainingError(stopped)
         return summary
 
-    def _agree(self, *flags: bool) -> tuple:
-        """Each flag true on every rank if it is true on any (one process: as given)."""
+    def _agree(self, *values: int) -> tuple:
+        """Each value the largest over the ranks (flags: true on every rank if on any; one
+        process: as given)."""
         if self.par is None:
-            return flags
-        a = np.array(flags, dtype=np.int64)
+            return values
+        a = np.array(values, dtype=np.int64)
         self.par.world.all_reduce(a, op="max")
-        return tuple(bool(v) for v in a)
+        return tuple(int(v) for v in a)
 
     def _nonfinite_message(self, loss: float, what: str = "loss") -> str:
         where = (f"the last good checkpoint of this run is {self.last_ckpt} (step "

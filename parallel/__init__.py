@@ -7,6 +7,10 @@ Read in this order:
     world.py          init_parallel, ranks on this machine, CPU threads per rank, never hang
     data_parallel.py  DataParallel: bucketed all-reduces from gradient hooks
     zero.py           ZeroAdamW: ZeRO-1, AdamW's state sharded over the data-parallel ranks
+    schedule.py       pipeline schedules as data (GPipe, 1F1B): instructions, simulate, timetable
+    pipeline.py       Stage, PipelineExecutor: a schedule run on one stage, activations sent p2p
+    tensor_parallel.py  Megatron-LM: f/g, column/row-parallel linears, heads split, vocab-parallel
+                        embedding and loss; tensor_parallel_(model, state.tp) shards a GPT in place
 
 One training step with data parallelism (DP) or ZeRO-1, on every rank:
 
@@ -20,6 +24,12 @@ One training step with data parallelism (DP) or ZeRO-1, on every rank:
            -> opt.clip_grad_norm_(c) -> opt.step(); opt.zero_grad()
     the logged loss: all_reduce_mean(loss, state.dp)
 
+Pipeline parallelism (PP) replaces forward-backward (parallel/pipeline.py):
+
+    stage = build_stage(first, blocks, last, state.pp.rank, state.pp.size)
+    pipe = PipelineExecutor(stage, state.pp, "1f1b", num_micro_batches=m, tied=[wte.weight])
+    loss = pipe.forward_backward(x, y) -> pipe.clip_grad_norm_(c) -> opt.step(); opt.zero_grad()
+
 This package never imports ``gpt`` (the model and trainer sit above it).
 """
 from .comm import Group, Request, SelfComm, mpi_cuda_aware
@@ -28,8 +38,20 @@ from .layout import Layout
 from .world import (ParallelState, abort_on_error, cpu_threads_per_rank, init_parallel,
                     install_abort_handler, local_rank, local_size, world_group)
 from .zero import ZeroAdamW
+from .pipeline import PipelineExecutor, Stage, build_stage, partition
+from .schedule import (SCHEDULES, ScheduleError, get_schedule, gpipe, one_f_one_b,
+                       predicted_bubble, simulate, timetable)
+from . import tensor_parallel
+from .tensor_parallel import (ColumnParallelLinear, ParallelAttention, RowParallelLinear,
+                              VocabParallelEmbedding, gather_state_dict, load_dense_state_dict,
+                              tensor_parallel_, vocab_parallel_cross_entropy)
 
 __all__ = ["Group", "Request", "SelfComm", "mpi_cuda_aware", "DataParallel", "all_reduce_mean",
            "broadcast_parameters", "Layout", "ParallelState", "abort_on_error",
            "cpu_threads_per_rank", "init_parallel", "install_abort_handler", "local_rank",
-           "local_size", "world_group", "ZeroAdamW"]
+           "local_size", "world_group", "ZeroAdamW", "tensor_parallel", "ColumnParallelLinear",
+           "ParallelAttention", "RowParallelLinear", "VocabParallelEmbedding", "gather_state_dict",
+           "load_dense_state_dict", "tensor_parallel_", "vocab_parallel_cross_entropy"]
+__all__ += ["PipelineExecutor", "Stage", "build_stage", "partition", "SCHEDULES",
+            "ScheduleError", "get_schedule", "gpipe", "one_f_one_b", "predicted_bubble",
+            "simulate", "timetable"]

@@ -39,8 +39,9 @@ def run_mpi(n: int, script: str, *args, timeout: float = 90):
     """``mpiexec -n n python tests/mpi/<script> args`` -> (returncode, stdout, stderr, seconds)."""
     cmd = [MPIEXEC, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
     t0 = time.monotonic()
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))   # this checkout, whatever is installed
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=HERE.parent, start_new_session=True)
+                            cwd=HERE.parent, start_new_session=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

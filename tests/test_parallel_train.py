@@ -85,10 +85,11 @@ def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
     first = _train([*args, "--out", str(tmp_path / "cut"), "--dp", "2", "--zero", "1"], n=2,
                    env={"TENSORLITE_TEST_KILL_AT_STEP": "5"})
     assert first.returncode != 0
-    again = _train(["--out", str(tmp_path / "cut"), "--resume", "--dp", "1", "--zero", "0",
-                    "--no-progress"])
+    # --resume alone: the layout follows the launcher (one process: --dp 1, no ZeRO)
+    again = _train(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"])
     assert again.returncode == 0, again.stderr
     assert "resumed at step 4" in again.stdout
+    assert "--dp 1 (the run had 2), --zero 0 (the run had 1)" in again.stdout
     for (s1, l1, v1), (s2, l2, v2) in zip(_numbers(tmp_path / "full"), _numbers(tmp_path / "cut")):
         assert s1 == s2
         x, y = (l1, l2) if l1 is not None else (v1, v2)
@@ -106,8 +107,18 @@ def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and msg in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    # a mistake every rank sees ends the job normally: no MPI_Abort (which leaves MPICH's
+    # shared-memory files behind), no second line
+    assert "Traceback" not in r.stderr and "Abort" not in r.stderr, r.stderr
+    assert r.returncode == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_option_errors_and_help_are_printed_once_under_mpiexec(data, tmp_path):
+    r = _train(["--data", str(data), "--bogus-option"], n=2)
+    assert r.returncode == 2 and r.stderr.count("unrecognized arguments: --bogus-option") == 1
+    r = _train(["--help"], n=2)
+    assert r.returncode == 0 and r.stdout.count("usage: tensorlite-gpt train") == 1
 
 
 def test_dp_with_dropout_resumes_exactly(data, tmp_path):
