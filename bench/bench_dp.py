@@ -311,10 +311,11 @@ def table(res: dict, cfg: dict, ranks: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny",
+                    help="model size (default tiny)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--bucket-mb", type=float, default=None,
                     help="bucket_cap_mb (default: 1 for tiny, 25 for small)")
     ap.add_argument("--json", help="write the raw numbers here")
