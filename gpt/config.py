@@ -236,6 +236,7 @@ def specs(cls) -> list[Spec]:
         helptext = md.get("help", "")
         if t is bool:
             flag = md.get("flag") or f.name
+            helptext += " (off by default)"
         else:
             flag = None
             helptext += f" (default {text if text is not None else default})"
