@@ -174,10 +174,13 @@ def _train_preflight(args, world, say):
     if saved:
         # --resume continues the run as it was started (its data, model, schedule); options
         # given now override, and are named; the parallel layout follows the launcher
+        n = world.size if world is not None else 1
         if "dp" not in given:
-            given["dp"] = world.size if world is not None else 1
-            if given["dp"] == 1 and "zero" not in given:
-                given["zero"] = 0
+            given["dp"] = max(1, n // given.get("tp", 1))
+        if "tp" not in given:
+            given["tp"] = max(1, n // given["dp"])
+        if given["dp"] == 1 and "zero" not in given:
+            given["zero"] = 0
         if "data" in given and os.path.abspath(given["data"]) == saved.get("data"):
             given["data"] = saved["data"]
         cfg, changed = TrainConfig.for_resume(saved, given)

@@ -40,13 +40,19 @@ def option(default=None, help: str = "", *, flag: str | None = None, cli: bool =
 class ParallelConfig:
     dp: int = option(1, "data-parallel degree: must equal the number of MPI ranks "
                         "(mpiexec -n N); the global batch is split over them")
+    tp: int = option(1, "tensor-parallel degree: each block's heads, MLP and the vocabulary "
+                        "split over this many adjacent ranks (Megatron-LM); --dp x --tp = ranks")
     zero: int = option(0, "ZeRO stage: 0 = off, 1 = shard the optimizer state over the "
                           "data-parallel ranks")
     bucket_mb: float = option(25.0, "gradient all-reduce bucket size in MB")
 
     def validate(self) -> None:
-        if not isinstance(self.dp, int) or self.dp < 1:
-            raise ConfigError(f"--dp must be an integer >= 1, got {self.dp!r}")
+        for k in ("dp", "tp"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ConfigError(f"--{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.zero and self.tp > 1:
+            raise ConfigError("--zero 1 with --tp > 1 is not supported yet (ZeRO's clipping does "
+                              "not know the tensor-parallel shards); use one of them")
         if self.zero not in (0, 1):
             raise ConfigError(f"--zero must be 0 or 1, got {self.zero!r}")
         if not (isinstance(self.bucket_mb, (int, float)) and math.isfinite(self.bucket_mb)
@@ -189,6 +195,10 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
                               "use --device cpu")
         self.parallel.validate()
+        tp = self.parallel.tp
+        if self.model.n_head % tp or (4 * self.model.d_model) % tp:
+            raise ConfigError(f"--tp {tp} must divide --n-head {self.model.n_head} and the MLP "
+                              f"width 4 x {self.model.d_model} (each rank holds whole heads)")
         if self.batch_size % self.parallel.dp:
             raise ConfigError(f"--batch-size {self.batch_size} is the global micro-batch, split "
                               f"over --dp {self.parallel.dp} ranks: pick a multiple of "

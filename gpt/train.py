@@ -386,11 +386,15 @@ def check_world(cfg: TrainConfig, world) -> None:
     """The parallel options against the ranks the launcher started (``world``: the MPI world
     group, or None for one process). No communication."""
     p, n = cfg.parallel, (world.size if world is not None else 1)
-    if p.dp == 1 and n == 1:
-        if p.zero:
-            raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
-                              "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
+    if p.zero and p.dp == 1:
+        raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
+                          "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
+    if p.dp * p.tp == n:
         return
+    if p.tp > 1:
+        raise ConfigError(f"--dp {p.dp} x --tp {p.tp} = {p.dp * p.tp} ranks, but the launcher "
+                          f"started {n}: the product of the degrees must equal the number of "
+                          "ranks")
     if n > p.dp:
         raise ConfigError(f"the launcher started {n} processes but --dp is {p.dp}: pass --dp {n} "
                           "(the data-parallel degree must equal the number of ranks)")
@@ -476,21 +480,27 @@ class Trainer:
         agree_on_errors(world, err)
         check_same_options(world, cfg)
         # 2. the groups, the model and the optimizer (collectives from here on)
-        self.par = None
+        self.par = self.tp = None
         if world is not None:
             import parallel
-            self.par = parallel.init_parallel()
+            self.par = parallel.init_parallel(tp=cfg.parallel.tp)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
+        if cfg.parallel.tp > 1:
+            # the layers change, not the trainer: heads, MLP and vocabulary split over the
+            # tensor-parallel group (rank 0's weights copied to the others)
+            from parallel import tensor_parallel
+            self.tp = tensor_parallel
+            tensor_parallel.tensor_parallel_(self.model, self.par.tp)
         groups = param_groups(self.model, cfg.weight_decay)
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         self.ddp = None
-        if self.par is not None and cfg.parallel.zero:
+        if self.par is not None and cfg.parallel.zero:    # (validate refuses ZeRO with TP)
             import parallel
             self.opt = parallel.ZeroAdamW(groups, self.par.dp, **adam)  # broadcasts rank 0's
         else:
             self.opt = AdamW(groups, **adam)
-            if self.par is not None:
+            if self.par is not None and self.par.dp.size > 1:
                 import parallel
                 self.ddp = parallel.DataParallel(self.model, self.par.dp,
                                                  bucket_cap_mb=cfg.parallel.bucket_mb)
@@ -535,10 +545,13 @@ class Trainer:
         """Save a checkpoint (every rank calls this: ZeRO-1 gathers its state from all of
         them, in the unsharded AdamW's format; rank 0 writes)."""
         path = self.out / "ckpt" / name
-        opt = self.opt.unsharded() if hasattr(self.opt, "unsharded") else self.opt
+        model, opt = self.model, (self.opt.unsharded() if hasattr(self.opt, "unsharded")
+                                  else self.opt)
+        if self.tp is not None:     # the dense model's tensors, whatever the degree
+            model, opt = self._dense_copy()
         if self.is_main:
             with _writing(path):
-                ckpt.save_checkpoint(path, model=self.model, optimizer=opt,
+                ckpt.save_checkpoint(path, model=model, optimizer=opt,
                                      config=self.model_cfg.to_dict(),
                                      extra=json_safe(self._state()))
         if name == "latest":
@@ -580,9 +593,31 @@ class Trainer:
         self.say(f"--resume: no checkpoint in {root}; starting fresh")
         return None
 
+    def _dense_copy(self):
+        """A dense GPT and AdamW holding a tensor-parallel model's gathered state (collective),
+        for a checkpoint that loads under any degree."""
+        sd = self.tp.gather_state_dict(self.model, self.par.tp)
+        osd = self.tp.gather_optimizer_state_dict(self.opt, self.model, self.par.tp)
+        dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
+        dense.load_state_dict({k: v.data for k, v in sd.items()})
+        opt = AdamW([dict(g, params=p) for g, p in zip(
+            self.opt.param_groups, [g["params"] for g in param_groups(
+                dense, self.cfg.weight_decay)])])
+        opt.load_state_dict(osd)
+        return dense, opt
+
     def _load_resume_point(self) -> Path:
         path = self._resume_point
-        if hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
+        if self.tp is not None:      # load the dense checkpoint, keep this rank's shards
+            dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
+            full = AdamW([dict(g, params=p) for g, p in zip(
+                self.opt.param_groups, [g["params"] for g in param_groups(
+                    dense, self.cfg.weight_decay)])])
+            meta = ckpt.load_checkpoint(path, model=dense, optimizer=full)
+            self.tp.load_dense_state_dict(self.model, dense.state_dict(), self.par.tp)
+            self.tp.load_dense_optimizer_state_dict(self.opt, self.model, full.state_dict(),
+                                                    self.par.tp)
+        elif hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
             full = AdamW([dict(g) for g in self.opt.param_groups])
             meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
             self.opt.load_state_dict(full.state_dict())
@@ -644,14 +679,17 @@ class Trainer:
         import parallel
         if self.ddp is not None:
             self.ddp.finish()
-        else:
+        elif hasattr(self.opt, "reduce_gradients"):       # ZeRO-1
             self.opt.reduce_gradients()
-        return parallel.all_reduce_mean(loss, self.par.dp)
+        # (tensor parallelism alone: every rank of the group holds the same loss already)
+        return parallel.all_reduce_mean(loss, self.par.dp) if self.par.dp.size > 1 else loss
 
     def clip(self) -> float:
         cfg = self.cfg
         if cfg.grad_clip <= 0:
             return 0.0
+        if self.tp is not None:       # the dense model's norm, from every rank's shards
+            return self.tp.clip_grad_norm_(self.model, cfg.grad_clip, self.par.tp)
         if hasattr(self.opt, "clip_grad_norm_"):      # ZeRO-1: the norm of all the shards
             return self.opt.clip_grad_norm_(cfg.grad_clip)
         return clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -667,11 +705,16 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.par is not None:
-            # each rank draws its own dropout masks (the same seed on every rank would drop
-            # the same units for every slice of the batch), as a function of (seed, rank,
-            # step) so that a resumed run draws them again without saving every rank's state
-            tl.manual_seed(int(np.random.SeedSequence(
-                [cfg.seed, self.par.world.rank, self.step]).generate_state(1)[0]))
+            # each data-parallel rank draws its own dropout masks (the same seed on every rank
+            # would drop the same units for every slice of the batch), as a function of (seed,
+            # rank, step) so that a resumed run draws them again without saving every rank's
+            # state; tensor-parallel ranks share it outside their regions (Megatron)
+            seed = int(np.random.SeedSequence(
+                [cfg.seed, self.par.dp.rank, self.step]).generate_state(1)[0])
+            if self.tp is not None:
+                self.tp.manual_seed(seed, self.par.tp)
+            else:
+                tl.manual_seed(seed)
         loss = self.reduce_gradients(self.forward_backward())
         if not math.isfinite(loss):
             self.opt.zero_grad()
@@ -857,8 +900,10 @@ def _progress(enabled: bool, initial: int, total: int):
 def train(cfg: TrainConfig, say=print) -> dict:
     trainer = Trainer(cfg, say)
     summary = trainer.run()
-    if cfg.samples and not summary["interrupted"] and trainer.is_main:
-        say("\nsamples (prompt | continuation):")
-        for prompt, cont in trainer.sample(cfg.samples, cfg.sample_tokens):
-            say("-" * 72 + f"\n{prompt}|{cont}")
+    if cfg.samples and not summary["interrupted"] and (trainer.is_main or trainer.tp):
+        samples = trainer.sample(cfg.samples, cfg.sample_tokens)   # every TP rank generates
+        if trainer.is_main:
+            say("\nsamples (prompt | continuation):")
+            for prompt, cont in samples:
+                say("-" * 72 + f"\n{prompt}|{cont}")
     return summary

@@ -21,7 +21,7 @@ except ImportError:
 pytestmark = pytest.mark.skipif(not (MPIEXEC and HAVE_MPI4PY),
                                 reason="MPI tests need mpi4py and mpiexec: pip install -e '.[mpi]'")
 
-COMMON = ["--n-layer", "2", "--n-head", "2", "--d-model", "16", "--block-size", "16",
+COMMON = ["--n-layer", "2", "--n-head", "4", "--d-model", "16", "--block-size", "16",
           "--batch-size", "8", "--max-steps", "8", "--eval-interval", "4", "--eval-steps", "2",
           "--log-interval", "1", "--samples", "0", "--no-progress", "--warmup-steps", "2"]
 
@@ -56,16 +56,14 @@ def _numbers(out):
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
-@pytest.mark.parametrize("layout", [["--dp", "2"], ["--dp", "2", "--zero", "1"],
-                                    ["--dp", "4", "--grad-accum", "2"]])
-def test_data_parallel_run_logs_what_one_process_logs(data, tmp_path, layout, dtype, tol):
-    n = int(layout[1])
-    args = ["--data", str(data), *COMMON, "--dtype", dtype,
-            *(["--grad-accum", "2"] if "--grad-accum" in layout else [])]
+@pytest.mark.parametrize("n,layout,accum", [
+    (2, ["--dp", "2"], 1), (2, ["--dp", "2", "--zero", "1"], 1), (4, ["--dp", "4"], 2),
+    (2, ["--tp", "2"], 1), (4, ["--dp", "2", "--tp", "2"], 2)])
+def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, accum, dtype, tol):
+    args = ["--data", str(data), *COMMON, "--dtype", dtype, "--grad-accum", str(accum)]
     one = _train([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    par = _train([*args, "--out", str(tmp_path / "par"), *layout[:2],
-                  *(layout[2:4] if "--zero" in layout else [])], n=n)
+    par = _train([*args, "--out", str(tmp_path / "par"), *layout], n=n)
     assert par.returncode == 0, par.stderr
     a, b = _numbers(tmp_path / "one"), _numbers(tmp_path / "par")
     assert [r[0] for r in a] == [r[0] for r in b] and len(a) == 10
@@ -74,6 +72,29 @@ def test_data_parallel_run_logs_what_one_process_logs(data, tmp_path, layout, dt
         assert abs(x - y) <= tol * max(1.0, abs(x)), (a, b)
     assert par.stdout.count("done: step 8") == 1          # only rank 0 prints
     assert not list(tmp_path.glob("par/*.tmp*"))
+
+
+@pytest.mark.parametrize("first,then", [((2, ["--tp", "2"]), (1, [])),
+                                        ((1, []), (2, ["--tp", "2"])),
+                                        ((4, ["--dp", "2", "--tp", "2"]), (2, ["--dp", "2"]))])
+def test_a_checkpoint_resumes_under_another_layout(data, tmp_path, first, then):
+    """Checkpoints hold the dense model and AdamW state whatever the layout: a run killed
+    under one layout resumes under another and logs what one uninterrupted process logs."""
+    args = ["--data", str(data), *COMMON, "--dtype", "float64", "--ckpt-interval", "4"]
+    full = _train([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    n, layout = first
+    cut = _train([*args, "--out", str(tmp_path / "cut"), *layout], n=n,
+                 env={"TENSORLITE_TEST_KILL_AT_STEP": "6"})
+    assert cut.returncode != 0
+    n, layout = then
+    again = _train(["--out", str(tmp_path / "cut"), "--resume", "--no-progress", *layout], n=n)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step 4" in again.stdout
+    for (s1, l1, v1), (s2, l2, v2) in zip(_numbers(tmp_path / "full"), _numbers(tmp_path / "cut")):
+        assert s1 == s2
+        x, y = (l1, l2) if l1 is not None else (v1, v2)
+        assert abs(x - y) <= 1e-10 * max(1.0, abs(x))
 
 
 def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
@@ -101,6 +122,9 @@ def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
     (1, ["--dp", "2"], "--dp 2 but the launcher started 1 process(es)"),
     (2, ["--dp", "2", "--batch-size", "7"], "--batch-size 7 is the global micro-batch"),
     (1, ["--zero", "1"], "--zero 1 shards the optimizer state"),
+    (2, ["--tp", "2", "--dp", "2"], "--dp 2 x --tp 2 = 4 ranks, but the launcher started 2"),
+    (2, ["--tp", "2", "--n-head", "1"], "--tp 2 must divide --n-head 1"),
+    (4, ["--tp", "2", "--zero", "1", "--dp", "2"], "--zero 1 with --tp > 1 is not supported"),
 ])
 def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
     r = _train(["--data", str(data), *COMMON, "--out", str(tmp_path / "r"), *extra], n=n)
