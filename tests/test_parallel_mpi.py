@@ -8,54 +8,11 @@ script says why not per element); every rank holds bit-identical parameters;
 ZeRO's gathered state is AdamW's state_dict, reshards exactly, and resumes across degrees
 through nn.checkpoint. Plus: groups and collectives, unused parameters, the abort path.
 """
-import importlib.util
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).parent
-SCRIPTS = HERE / "mpi"
+from mpi_launch import needs_mpi, result_of, run_mpi
 
-
-def _mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"        # the one the mpich wheel installs
-    return str(local) if local.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason="needs mpi4py and mpiexec: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
-
-
-def run_mpi(n: int, script: str, *args, timeout: float = 90):
-    """``mpiexec -n n python tests/mpi/<script> args`` -> (returncode, stdout, stderr, seconds)."""
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
-    t0 = time.monotonic()
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))   # this checkout, whatever is installed
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=HERE.parent, start_new_session=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)                 # mpiexec and every rank
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hang)\n{out}\n{err}")
-    return proc.returncode, out, err, time.monotonic() - t0
-
-
-def result_of(n: int, script: str, *args) -> dict:
-    rc, out, err, _ = run_mpi(n, script, *args)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert rc == 0 and lines, f"{script} on {n} ranks failed (status {rc}):\n{out}\n{err}"
-    return json.loads(lines[-1][len("RESULT "):])
+pytestmark = needs_mpi
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")

@@ -9,12 +9,6 @@ two copies stay bit-identical, and 1F1B holds at most N - s micro-batches of act
 stage s (GPipe: all 8). In one process: a one-stage pipeline is plain micro-batched
 backward, stages cut the model into disjoint pieces, and mistakes are named.
 """
-import importlib.util
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,35 +26,7 @@ sys.path.insert(0, str(SCRIPTS))
 from pp_gpt import gpt_pieces  # noqa: E402
 
 
-def _mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"        # the one the mpich wheel installs
-    return str(local) if local.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason="needs mpi4py and mpiexec: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
-
-
-def result_of(n: int, script: str, timeout: float = 90) -> dict:
-    """``mpiexec -n n python tests/mpi/<script>`` -> the JSON its rank 0 printed. The ranks
-    import this checkout (PYTHONPATH), whatever an editable install points at."""
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(SCRIPTS / script)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=HERE.parent, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)                 # mpiexec and every rank
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hang)\n{out}\n{err}")
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, \
-        f"{script} on {n} ranks failed (status {proc.returncode}):\n{out}\n{err}"
-    return json.loads(lines[-1][len("RESULT "):])
+from mpi_launch import needs_mpi, result_of  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}stages")

@@ -13,15 +13,7 @@ with its collectives inside; one all-reduce forward and one backward per attenti
 The rest runs in one process (a group of one) without MPI.
 """
 import functools
-import importlib.util
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,40 +23,9 @@ import tensorlite as tl
 from parallel import Group, SelfComm
 from parallel import tensor_parallel as tp
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
 
 
-def _mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"        # the one the mpich wheel installs
-    return str(local) if local.exists() else shutil.which("mpiexec")
-
-
-MPIEXEC = _mpiexec()
-needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
-    reason="needs mpi4py and mpiexec: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
-
-
-def result_of(n: int, script: str, *args, timeout: float = 90) -> dict:
-    """``mpiexec -n n python tests/mpi/<script> args`` -> its RESULT line (a dict)."""
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, str(HERE / "mpi" / script), *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env, start_new_session=True)
-    t0 = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)                 # mpiexec and every rank
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} still running after {timeout} s (a hang)\n{out}\n{err}")
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, (f"{script} on {n} ranks failed (status "
-                                            f"{proc.returncode}, {time.monotonic() - t0:.1f} s):"
-                                            f"\n{out}\n{err}")
-    return json.loads(lines[-1][len("RESULT "):])
+from mpi_launch import needs_mpi, result_of  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
