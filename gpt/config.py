@@ -174,7 +174,9 @@ class TrainConfig:
             self.warmup_steps = min(50, self.max_steps // 10)
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise ConfigError(f"--warmup-steps {self.warmup_steps} must be between 0 and "
-                              f"--max-steps {self.max_steps}")
+                              f"--max-steps {self.max_steps}" + (
+                                  " (a resumed run keeps its warmup: pass --warmup-steps too)"
+                                  if self.resume else ""))
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.lr}) and lr > 0")
         for k in ("beta1", "beta2"):

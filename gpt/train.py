@@ -486,6 +486,9 @@ class Trainer:
             self.par = parallel.init_parallel(tp=cfg.parallel.tp)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
+        # the whole model's size and FLOPs (a tensor-parallel rank holds only its shards)
+        self.n_params, self.flops_per_token = (self.model.num_parameters(),
+                                               self.model.flops_per_token())
         if cfg.parallel.tp > 1:
             # the layers change, not the trainer: heads, MLP and vocabulary split over the
             # tensor-parallel group (rank 0's weights copied to the others)
@@ -753,11 +756,13 @@ class Trainer:
                                          self.tokenizer.vocab_size)
         peak = _Peak(cfg.device, ranks=self.par.world.size if self.par else 1)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
-        self.say(f"model: {self.model.num_parameters():,} parameters "
+        layout = (f"; {self.par.dp.size} data-parallel x {self.par.tp.size} tensor-parallel "
+                  "ranks" if self.par is not None else "")
+        self.say(f"model: {self.n_params:,} parameters "
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
                  f"{tokens_per_step} tokens/step; unigram baseline {self.baseline:.3f} nats"
-                 + (f"; resumed at step {self.step}" if resumed else ""))
+                 + layout + (f"; resumed at step {self.step}" if resumed else ""))
         bar = _progress(cfg.progress and self.is_main, self.step, cfg.max_steps)
         interrupted, stopped = False, None
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
@@ -781,7 +786,7 @@ class Trainer:
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                         now = time.perf_counter()
                         tps = window_tokens / max(now - t_last, 1e-9)
-                        mfu, capped = peak.mfu(tps * self.model.flops_per_token())
+                        mfu, capped = peak.mfu(tps * self.flops_per_token)
                         t_last, window_tokens = time.perf_counter(), 0
                         if math.isfinite(loss):
                             rec = {"step": self.step, "loss": round(loss, 6), "lr": lr,

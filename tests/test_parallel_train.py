@@ -72,6 +72,8 @@ def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, ac
         assert abs(x - y) <= tol * max(1.0, abs(x)), (a, b)
     assert par.stdout.count("done: step 8") == 1          # only rank 0 prints
     assert not list(tmp_path.glob("par/*.tmp*"))
+    size = one.stdout.split("model: ")[1].split(" parameters")[0]
+    assert f"model: {size} parameters" in par.stdout      # the whole model's, not a shard's
 
 
 @pytest.mark.parametrize("first,then", [((2, ["--tp", "2"]), (1, [])),
