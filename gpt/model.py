@@ -176,6 +176,15 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits, targets)
 
+    # -- pipeline parallelism ----------------------------------------------------------------
+    def pipeline_pieces(self):
+        """The model as the ordered pieces a pipeline cuts into stages (parallel.build_stage):
+        ``first(idx) -> h`` (embeddings), the blocks, ``last(h, targets) -> loss`` (final norm,
+        head, cross-entropy), and the weights first and last share (the tied embedding). The
+        pieces hold this model's own modules, so a stage trains the model in place."""
+        tied = [self.wte.weight] if self.lm_head is None else []
+        return _Embed(self), list(self.blocks), _Head(self), tied
+
     # -- generation ----------------------------------------------------------------------------
     def new_kv_caches(self):
         """One empty nn.KVCache per block, each for up to block_size positions."""
@@ -225,6 +234,34 @@ class GPT(nn.Module):
         new = list(self.generate_stream(ids, max_new_tokens, temperature, top_k, top_p, seed,
                                         use_cache))
         return np.concatenate([ids] + [n[:, None] for n in new], axis=1) if new else ids
+
+
+class _Embed(nn.Module):
+    """GPT.forward's first lines, as a pipeline's first piece: (B, T) ids -> (B, T, C)."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.wte, self.wpe, self.drop = gpt.wte, gpt.wpe, gpt.drop
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(idx.shape[1])
+        return self.drop(x)
+
+
+class _Head(nn.Module):
+    """GPT.forward's last lines, as a pipeline's last piece: (B, T, C), targets -> loss."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.ln_f = gpt.ln_f
+        self.wte = gpt.wte if gpt.lm_head is None else None       # the tied matrix
+        self.lm_head = gpt.lm_head
+
+    def forward(self, h, targets):
+        w = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.cross_entropy(F.linear(self.ln_f(h), w), targets)
 
 
 def _prompt_ids(idx) -> np.ndarray:
