@@ -175,10 +175,12 @@ def _train_preflight(args, world, say):
         # --resume continues the run as it was started (its data, model, schedule); options
         # given now override, and are named; the parallel layout follows the launcher
         n = world.size if world is not None else 1
-        if "dp" not in given:
-            given["dp"] = max(1, n // given.get("tp", 1))
-        if "tp" not in given:
-            given["tp"] = max(1, n // given["dp"])
+        if not any(k in given for k in ("dp", "tp", "pp")):
+            given.update(dp=n, tp=1, pp=1)      # the launcher's ranks as data-parallel ones
+        else:
+            given.setdefault("tp", 1)
+            given.setdefault("pp", 1)
+            given.setdefault("dp", max(1, n // (given["tp"] * given["pp"])))
         if given["dp"] == 1 and "zero" not in given:
             given["zero"] = 0
         if "data" in given and os.path.abspath(given["data"]) == saved.get("data"):

@@ -42,14 +42,22 @@ class ParallelConfig:
                         "(mpiexec -n N); the global batch is split over them")
     tp: int = option(1, "tensor-parallel degree: each block's heads, MLP and the vocabulary "
                         "split over this many adjacent ranks (Megatron-LM); --dp x --tp = ranks")
+    pp: int = option(1, "pipeline-parallel degree: the blocks split into this many stages, "
+                        "one a rank; --grad-accum micro-batches flow through them")
+    pp_schedule: str = option("1f1b", "pipeline schedule: gpipe | 1f1b")
     zero: int = option(0, "ZeRO stage: 0 = off, 1 = shard the optimizer state over the "
                           "data-parallel ranks")
     bucket_mb: float = option(25.0, "gradient all-reduce bucket size in MB")
 
     def validate(self) -> None:
-        for k in ("dp", "tp"):
+        for k in ("dp", "tp", "pp"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ConfigError(f"--{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.pp_schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"--pp-schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
+        if self.pp > 1 and (self.dp > 1 or self.tp > 1 or self.zero):
+            raise ConfigError("--pp does not combine with --dp, --tp or --zero yet: run the "
+                              "pipeline alone (mpiexec -n N ... --pp N)")
         if self.zero and self.tp > 1:
             raise ConfigError("--zero 1 with --tp > 1 is not supported yet (ZeRO's clipping does "
                               "not know the tensor-parallel shards); use one of them")
@@ -197,6 +205,9 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
                               "use --device cpu")
         self.parallel.validate()
+        if self.parallel.pp > self.model.n_layer:
+            raise ConfigError(f"--pp {self.parallel.pp} stages need at least as many blocks; "
+                              f"--n-layer is {self.model.n_layer}")
         tp = self.parallel.tp
         if self.model.n_head % tp or (4 * self.model.d_model) % tp:
             raise ConfigError(f"--tp {tp} must divide --n-head {self.model.n_head} and the MLP "

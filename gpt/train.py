@@ -389,12 +389,12 @@ def check_world(cfg: TrainConfig, world) -> None:
     if p.zero and p.dp == 1:
         raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
                           "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
-    if p.dp * p.tp == n:
+    if p.dp * p.tp * p.pp == n:
         return
-    if p.tp > 1:
-        raise ConfigError(f"--dp {p.dp} x --tp {p.tp} = {p.dp * p.tp} ranks, but the launcher "
-                          f"started {n}: the product of the degrees must equal the number of "
-                          "ranks")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"--dp {p.dp} x --tp {p.tp} x --pp {p.pp} = {p.dp * p.tp * p.pp} "
+                          f"ranks, but the launcher started {n}: the product of the degrees must "
+                          "equal the number of ranks")
     if n > p.dp:
         raise ConfigError(f"the launcher started {n} processes but --dp is {p.dp}: pass --dp {n} "
                           "(the data-parallel degree must equal the number of ranks)")
@@ -483,7 +483,7 @@ class Trainer:
         self.par = self.tp = None
         if world is not None:
             import parallel
-            self.par = parallel.init_parallel(tp=cfg.parallel.tp)
+            self.par = parallel.init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
         # the whole model's size and FLOPs (a tensor-parallel rank holds only its shards)
@@ -495,7 +495,18 @@ class Trainer:
             from parallel import tensor_parallel
             self.tp = tensor_parallel
             tensor_parallel.tensor_parallel_(self.model, self.par.tp)
-        groups = param_groups(self.model, cfg.weight_decay)
+        self.pipe = None
+        trained = self.model
+        if cfg.parallel.pp > 1:
+            # each rank runs one stage of the blocks; micro-batches flow through the schedule
+            import parallel
+            first, blocks, last, tied = self.model.pipeline_pieces()
+            stage = parallel.build_stage(first, blocks, last, self.par.pp.rank, self.par.pp.size)
+            self.pipe = parallel.PipelineExecutor(stage, self.par.pp, cfg.parallel.pp_schedule,
+                                                  num_micro_batches=cfg.grad_accum, tied=tied)
+            self._owner = _stage_owners(self.model, self.par.pp.size)
+            trained = stage
+        groups = param_groups(trained, cfg.weight_decay)
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         self.ddp = None
         if self.par is not None and cfg.parallel.zero:    # (validate refuses ZeRO with TP)
@@ -552,6 +563,8 @@ class Trainer:
                                   else self.opt)
         if self.tp is not None:     # the dense model's tensors, whatever the degree
             model, opt = self._dense_copy()
+        if self.pipe is not None:   # every stage's weights and moments, on every rank
+            opt = self._sync_pipeline(with_optimizer=True)
         if self.is_main:
             with _writing(path):
                 ckpt.save_checkpoint(path, model=model, optimizer=opt,
@@ -609,9 +622,39 @@ class Trainer:
         opt.load_state_dict(osd)
         return dense, opt
 
+    def _sync_pipeline(self, with_optimizer: bool = False):
+        """Make every rank's whole model current (each stage trains its own blocks; the
+        others are stale): each weight broadcast from the stage that owns it. With
+        ``with_optimizer``, also return an AdamW over the whole model holding every stage's
+        moments, for a checkpoint in the one-process format."""
+        g = self.par.pp
+        full = None
+        if with_optimizer:
+            full = AdamW([dict(h, params=ps) for h, ps in zip(self.opt.param_groups, [
+                x["params"] for x in param_groups(self.model, self.cfg.weight_decay)])])
+        for name, p in self.model.named_parameters():
+            root = self._owner[name]
+            g.broadcast(p.data, root=root)
+            if full is None or self.step == 0:
+                continue
+            mine = self.opt.state.get(p) if g.rank == root else None
+            st = {k: (mine[k] if mine else backend_zeros_like(p.data)) for k in
+                  ("exp_avg", "exp_avg_sq")}
+            n = np.array([mine["step"] if mine else 0], dtype=np.int64)
+            for a in (st["exp_avg"], st["exp_avg_sq"], n):
+                g.broadcast(a, root=root)
+            full.state[p] = {"step": int(n[0]), **st}
+        return full
+
     def _load_resume_point(self) -> Path:
         path = self._resume_point
-        if self.tp is not None:      # load the dense checkpoint, keep this rank's shards
+        if self.pipe is not None:    # the whole model on every rank; each stage its moments
+            full = AdamW([dict(h, params=ps) for h, ps in zip(self.opt.param_groups, [
+                x["params"] for x in param_groups(self.model, self.cfg.weight_decay)])])
+            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
+            mine = {id(p) for grp in self.opt.param_groups for p in grp["params"]}
+            self.opt.state = {p: st for p, st in full.state.items() if id(p) in mine}
+        elif self.tp is not None:      # load the dense checkpoint, keep this rank's shards
             dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
             full = AdamW([dict(g, params=p) for g, p in zip(
                 self.opt.param_groups, [g["params"] for g in param_groups(
@@ -663,6 +706,12 @@ class Trainer:
         """Sum the gradients of grad_accum micro-batches; the mean loss over them. Under
         data parallelism only the last micro-batch's backward starts the all-reduces."""
         cfg, model = self.cfg, self.model
+        if self.pipe is not None:     # the whole global batch, as the schedule's micro-batches
+            batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
+            x = np.concatenate([b[0] for b in batches])
+            y = np.concatenate([b[1] for b in batches])
+            return self.pipe.forward_backward(tl.tensor(x, device=cfg.device),
+                                              tl.tensor(y, device=cfg.device))
         total = 0.0
         for i in range(cfg.grad_accum):
             x, y = self.train_loader.next_batch()
@@ -691,6 +740,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.grad_clip <= 0:
             return 0.0
+        if self.pipe is not None:     # the whole model's norm, from every stage's weights
+            return self.pipe.clip_grad_norm_(cfg.grad_clip)
         if self.tp is not None:       # the dense model's norm, from every rank's shards
             return self.tp.clip_grad_norm_(self.model, cfg.grad_clip, self.par.tp)
         if hasattr(self.opt, "clip_grad_norm_"):      # ZeRO-1: the norm of all the shards
@@ -857,6 +908,8 @@ class Trainer:
         return f"non-finite {what} ({loss}) at step {self.step}: stopping; {where} (lower --lr{skip})"
 
     def _evaluate(self, log: _Log) -> float:
+        if self.pipe is not None:        # every rank evaluates the whole, current model
+            self._sync_pipeline()
         val = evaluate(self.model, self.val_loader, self.eval_steps)
         log.write({"step": self.step, "val_loss": round(val, 6),
                    "val_ppl": round(math.exp(min(val, 50)), 3)})
@@ -902,9 +955,32 @@ def _progress(enabled: bool, initial: int, total: int):
     return _Null()
 
 
+def _stage_owners(model: GPT, stages: int) -> dict:
+    """Parameter name -> the pipeline stage that trains it (the first stage for the tied
+    embedding, which the last stage also holds)."""
+    from parallel.pipeline import partition
+    bounds = partition(len(model.blocks), stages)
+    owners = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            owners[name] = next(s for s, (lo, hi) in enumerate(bounds) if lo <= i < hi)
+        elif name.startswith(("ln_f", "lm_head")):
+            owners[name] = stages - 1
+        else:
+            owners[name] = 0
+    return owners
+
+
+def backend_zeros_like(a):
+    return tl.backend.xp_of(a).zeros_like(a)
+
+
 def train(cfg: TrainConfig, say=print) -> dict:
     trainer = Trainer(cfg, say)
     summary = trainer.run()
+    if trainer.pipe is not None:
+        trainer._sync_pipeline()         # the whole model current, for the samples
     if cfg.samples and not summary["interrupted"] and (trainer.is_main or trainer.tp):
         samples = trainer.sample(cfg.samples, cfg.sample_tokens)   # every TP rank generates
         if trainer.is_main:

@@ -58,7 +58,8 @@ def _numbers(out):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("n,layout,accum", [
     (2, ["--dp", "2"], 1), (2, ["--dp", "2", "--zero", "1"], 1), (4, ["--dp", "4"], 2),
-    (2, ["--tp", "2"], 1), (4, ["--dp", "2", "--tp", "2"], 2)])
+    (2, ["--tp", "2"], 1), (4, ["--dp", "2", "--tp", "2"], 2),
+    (2, ["--pp", "2"], 2), (2, ["--pp", "2", "--pp-schedule", "gpipe"], 4)])
 def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, accum, dtype, tol):
     args = ["--data", str(data), *COMMON, "--dtype", dtype, "--grad-accum", str(accum)]
     one = _train([*args, "--out", str(tmp_path / "one")])
@@ -78,12 +79,15 @@ def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, ac
 
 @pytest.mark.parametrize("first,then", [((2, ["--tp", "2"]), (1, [])),
                                         ((1, []), (2, ["--tp", "2"])),
-                                        ((4, ["--dp", "2", "--tp", "2"]), (2, ["--dp", "2"]))])
+                                        ((4, ["--dp", "2", "--tp", "2"]), (2, ["--dp", "2"])),
+                                        ((2, ["--pp", "2", "--grad-accum", "2"]), (1, [])),
+                                        ((1, ["--grad-accum", "2"]), (2, ["--pp", "2"]))])
 def test_a_checkpoint_resumes_under_another_layout(data, tmp_path, first, then):
     """Checkpoints hold the dense model and AdamW state whatever the layout: a run killed
     under one layout resumes under another and logs what one uninterrupted process logs."""
     args = ["--data", str(data), *COMMON, "--dtype", "float64", "--ckpt-interval", "4"]
-    full = _train([*args, "--out", str(tmp_path / "full")])
+    accum = [a for a in (first[1] + then[1]) if a == "--pp"] and ["--grad-accum", "2"]
+    full = _train([*args, *accum, "--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     n, layout = first
     cut = _train([*args, "--out", str(tmp_path / "cut"), *layout], n=n,
@@ -124,9 +128,11 @@ def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
     (1, ["--dp", "2"], "--dp 2 but the launcher started 1 process(es)"),
     (2, ["--dp", "2", "--batch-size", "7"], "--batch-size 7 is the global micro-batch"),
     (1, ["--zero", "1"], "--zero 1 shards the optimizer state"),
-    (2, ["--tp", "2", "--dp", "2"], "--dp 2 x --tp 2 = 4 ranks, but the launcher started 2"),
+    (2, ["--tp", "2", "--dp", "2"], "--dp 2 x --tp 2 x --pp 1 = 4 ranks, but the launcher started 2"),
     (2, ["--tp", "2", "--n-head", "1"], "--tp 2 must divide --n-head 1"),
     (4, ["--tp", "2", "--zero", "1", "--dp", "2"], "--zero 1 with --tp > 1 is not supported"),
+    (4, ["--pp", "2", "--dp", "2"], "--pp does not combine with --dp, --tp or --zero yet"),
+    (2, ["--pp", "3"], "--pp 3 stages need at least as many blocks; --n-layer is 2"),
 ])
 def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
     r = _train(["--data", str(data), *COMMON, "--out", str(tmp_path / "r"), *extra], n=n)
