@@ -45,6 +45,8 @@ class ParallelConfig:
     pp: int = option(1, "pipeline-parallel degree: the blocks split into this many stages, "
                         "one a rank; --grad-accum micro-batches flow through them")
     pp_schedule: str = option("1f1b", "pipeline schedule: gpipe | 1f1b")
+    pp_timetable: bool = option(False, "print the pipeline schedule's timetable (which stage "
+                                       "runs which micro-batch when, and the bubble) at the start")
     zero: int = option(0, "ZeRO stage: 0 = off, 1 = shard the optimizer state over the "
                           "data-parallel ranks")
     bucket_mb: float = option(25.0, "gradient all-reduce bucket size in MB")

@@ -807,13 +807,17 @@ class Trainer:
                                          self.tokenizer.vocab_size)
         peak = _Peak(cfg.device, ranks=self.par.world.size if self.par else 1)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
-        layout = (f"; {self.par.dp.size} data-parallel x {self.par.tp.size} tensor-parallel "
-                  "ranks" if self.par is not None else "")
+        layout = (f"; {self.par.dp.size} data-parallel x {self.par.tp.size} tensor-parallel x "
+                  f"{self.par.pp.size} pipeline ranks" if self.par is not None else "")
         self.say(f"model: {self.n_params:,} parameters "
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
                  f"{tokens_per_step} tokens/step; unigram baseline {self.baseline:.3f} nats"
                  + layout + (f"; resumed at step {self.step}" if resumed else ""))
+        if self.pipe is not None and cfg.parallel.pp_timetable:
+            import parallel
+            self.say(parallel.timetable(parallel.get_schedule(cfg.parallel.pp_schedule),
+                                        cfg.parallel.pp, cfg.grad_accum))
         bar = _progress(cfg.progress and self.is_main, self.step, cfg.max_steps)
         interrupted, stopped = False, None
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval

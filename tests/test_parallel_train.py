@@ -166,3 +166,11 @@ def test_dp_with_dropout_resumes_exactly(data, tmp_path):
     again = _train(["--out", str(tmp_path / "cut"), "--resume", "--no-progress"], n=2)
     assert again.returncode == 0, again.stderr
     assert _numbers(tmp_path / "full") == _numbers(tmp_path / "cut")
+
+
+def test_pp_timetable_is_printed(data, tmp_path):
+    r = _train(["--data", str(data), *COMMON, "--out", str(tmp_path / "r"), "--pp", "2",
+                "--grad-accum", "4", "--max-steps", "1", "--pp-timetable"], n=2)
+    assert r.returncode == 0, r.stderr
+    assert "1F1B: 2 stages, 4 micro-batches" in r.stdout and "stage 1  .  F0 B0" in r.stdout
+    assert "bubble: predicted (p-1)/(m+p-1) = 1/5 = 20.0%" in r.stdout
