@@ -170,7 +170,7 @@ def test_dp_with_dropout_resumes_exactly(data, tmp_path):
 
 def test_pp_timetable_is_printed(data, tmp_path):
     r = _train(["--data", str(data), *COMMON, "--out", str(tmp_path / "r"), "--pp", "2",
-                "--grad-accum", "4", "--max-steps", "1", "--pp-timetable"], n=2)
+                "--grad-accum", "4", "--max-steps", "2", "--pp-timetable"], n=2)
     assert r.returncode == 0, r.stderr
     assert "1F1B: 2 stages, 4 micro-batches" in r.stdout and "stage 1  .  F0 B0" in r.stdout
     assert "bubble: predicted (p-1)/(m+p-1) = 1/5 = 20.0%" in r.stdout
