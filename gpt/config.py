@@ -57,9 +57,9 @@ class ParallelConfig:
                 raise ConfigError(f"--{k} must be an integer >= 1, got {getattr(self, k)!r}")
         if self.pp_schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"--pp-schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
-        if self.pp > 1 and (self.dp > 1 or self.tp > 1 or self.zero):
-            raise ConfigError("--pp does not combine with --dp, --tp or --zero yet: run the "
-                              "pipeline alone (mpiexec -n N ... --pp N)")
+        if self.pp > 1 and (self.tp > 1 or self.zero):
+            raise ConfigError("--pp does not combine with --tp or --zero yet (with --dp it "
+                              "does): mpiexec -n N ... --dp D --pp P with D x P = N")
         if self.zero and self.tp > 1:
             raise ConfigError("--zero 1 with --tp > 1 is not supported yet (ZeRO's clipping does "
                               "not know the tensor-parallel shards); use one of them")

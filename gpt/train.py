@@ -514,7 +514,7 @@ class Trainer:
             self.opt = parallel.ZeroAdamW(groups, self.par.dp, **adam)  # broadcasts rank 0's
         else:
             self.opt = AdamW(groups, **adam)
-            if self.par is not None and self.par.dp.size > 1:
+            if self.par is not None and self.par.dp.size > 1 and self.pipe is None:
                 import parallel
                 self.ddp = parallel.DataParallel(self.model, self.par.dp,
                                                  bucket_cap_mb=cfg.parallel.bucket_mb)
@@ -733,6 +733,15 @@ class Trainer:
             self.ddp.finish()
         elif hasattr(self.opt, "reduce_gradients"):       # ZeRO-1
             self.opt.reduce_gradients()
+        elif self.pipe is not None and self.par.dp.size > 1:
+            # pipeline replicas: average each stage weight's gradient over the data-parallel
+            # group after the schedule (the hooks would fire once per micro-batch)
+            dp = self.par.dp
+            for grp in self.opt.param_groups:
+                for p in grp["params"]:
+                    if p.grad is not None:
+                        dp.all_reduce(p.grad.data)
+                        p.grad.data /= dp.size
         # (tensor parallelism alone: every rank of the group holds the same loss already)
         return parallel.all_reduce_mean(loss, self.par.dp) if self.par.dp.size > 1 else loss
 
