@@ -62,25 +62,10 @@ def _batches(cfg, n, seed=0):
 def worker_single(cfg, steps, warmup, threads) -> dict:
     """One process, the whole global batch: forward + backward, and the whole step."""
     import tensorlite as tl
-    from nn.optim import AdamW, clip_grad_norm_
+    from bench.benchutil import time_plain_steps
     tl.set_num_threads(threads)
-    model = _model(cfg)
-    opt = AdamW(model.parameters(), lr=1e-4)
-    fb, step = [], []
-    for i, (x, y) in enumerate(_batches(cfg, warmup + steps)):
-        t0 = time.perf_counter()
-        _, loss = model(tl.tensor(x), tl.tensor(y))
-        loss.backward()
-        t1 = time.perf_counter()
-        clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fb.append(t1 - t0)
-            step.append(t2 - t0)
-    return {"threads": tl.get_num_threads(), "fb": float(np.median(fb)),
-            "step": float(np.median(step))}
+    fb, step = time_plain_steps(_model(cfg), _batches(cfg, warmup + steps), warmup)
+    return {"threads": tl.get_num_threads(), "fb": fb, "step": step}
 
 
 def worker_pp(cfg, steps, warmup, micro, schedules) -> dict:

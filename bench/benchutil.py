@@ -66,3 +66,28 @@ def wait_for_quiet(threshold=0.15, window=1.0, max_wait=120.0):
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (ru_maxrss is KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_plain_steps(model, batches, warmup: int) -> tuple[float, float]:
+    """One process's baseline for the parallel benchmarks: median seconds of forward +
+    backward and of the whole step (clip, AdamW) over ``batches`` of (x, y) arrays, after
+    ``warmup`` untimed steps."""
+    import numpy as np
+
+    import tensorlite as tl
+    from nn.optim import AdamW, clip_grad_norm_
+    opt = AdamW(model.parameters(), lr=1e-4)
+    fb, step = [], []
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        _, loss = model(tl.tensor(x), tl.tensor(y))
+        loss.backward()
+        t1 = time.perf_counter()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fb.append(t1 - t0)
+            step.append(t2 - t0)
+    return float(np.median(fb)), float(np.median(step))
