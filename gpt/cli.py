@@ -165,7 +165,7 @@ def ensure_default_data(data: str, say=print) -> None:
 def _train_preflight(args, world, say):
     """The config to train with, checked (no data read, nothing written)."""
     from .config import TrainConfig
-    from .train import check_out, run_train_config
+    from .run_folder import check_out, run_train_config
     given = _train_options(args)
     cfg = TrainConfig.from_dict(given)
     cfg.validate()
@@ -200,7 +200,9 @@ def cmd_train(args) -> int:
 
     from .data.errors import DataError
     from .model import ConfigError
-    from .train import TrainingError, agree_on_errors, mpi_world, train
+    from .distributed import agree_on_errors, mpi_world
+    from .run_folder import TrainingError
+    from .train import train
     world = mpi_world()
     main_rank = world is None or world.rank == 0
     say = print if main_rank else (lambda *a, **k: None)
@@ -334,7 +336,8 @@ def cmd_eval(args) -> int:
 
     from .data.loader import BatchLoader
     from .data.prepare import load_prepared
-    from .train import evaluate, json_safe
+    from .run_folder import json_safe
+    from .train import evaluate
     for name, v in (("--batch-size", args.batch_size), ("--eval-steps", args.eval_steps)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
@@ -405,7 +408,7 @@ def _user_error(command: str, e: Exception) -> None:
     mistake one rank meets later (a full disk) cannot wait for the others: that rank says it,
     with its number (after a moment, in case rank 0 ends the job first), and ends the job
     with MPI_Abort, so no rank waits forever."""
-    from .train import PeerError, mpi_world
+    from .distributed import PeerError, mpi_world
     world = mpi_world()
     if world is None or getattr(e, "agreed", False):
         if not isinstance(e, PeerError):
@@ -433,7 +436,7 @@ def main(argv=None) -> int:
     from nn.checkpoint import CheckpointError
 
     from .model import ConfigError
-    from .train import TrainingError
+    from .run_folder import TrainingError
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if _launcher_rank() > 0:

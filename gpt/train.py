@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -37,14 +34,12 @@ from nn.schedule import warmup_cosine
 
 from .data.errors import DataError
 from .data.loader import BatchLoader
-from .config import ParallelConfig, TrainConfig  # noqa: F401 (re-exported)
+from .config import TrainConfig
+from .distributed import (stage_owners, agree_on_errors, check_same_options, check_world,
+                          mpi_world)
+from .run_folder import (LOG_NAME, RUN_FILES, TrainingError, atomic_json, RunLog, NoLog,
+                         writing, check_out, json_safe)
 from .model import GPT, ConfigError, GPTConfig
-
-LOG_NAME = "log.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, say); the message says why and what to do."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -87,12 +82,6 @@ def unigram_baseline(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_siz
     return float(-(val_counts * logp).sum() / max(val_counts.sum(), 1))
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def plot_losses(log_path: Path, png_path: Path, baseline: float | None = None) -> None:
     """The loss curve (train and validation) as a PNG, written atomically."""
     import matplotlib
@@ -132,154 +121,6 @@ def evaluate(model: GPT, loader: BatchLoader, steps: int) -> float:
     losses = [model(*loader.get_batch(i))[1].item() for i in range(steps)]
     model.train(was)
     return float(np.mean(losses))
-
-
-class _Log:
-    """log.jsonl: one JSON record per line, flushed as written."""
-
-    def __init__(self, path: Path, truncate_from_step: int | None):
-        self.path = path
-        if truncate_from_step is not None and path.exists():
-            # a resumed run rewrites the steps after its checkpoint, so the log reads as
-            # one uninterrupted run
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", -1) <= truncate_from_step]
-            path.write_text("".join(k + "\n" for k in keep))
-        elif truncate_from_step is None:
-            path.write_text("")
-        self.f = open(path, "a")
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
-        self.f.flush()
-
-    def close(self):
-        self.f.close()
-
-
-class _NoLog:
-    """Ranks other than 0 write no log."""
-
-    def write(self, rec: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def json_safe(obj):
-    """``obj`` with non-finite floats as None: JSON has no NaN or Infinity, and a file with
-    them is not JSON that other tools can read."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-# ------------------------------------------------------------------------------ the run folder
-# What `train` writes into --out; an existing folder holding any of them holds a run.
-RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json")
-
-
-def run_status(out: str | os.PathLike) -> str | None:
-    """What the run in ``out`` has reached ("a checkpoint at step 2000 of 2000, best validation
-    loss 3.4900"), or None when ``out`` holds no run."""
-    out = Path(out)
-    found = [n for n in RUN_FILES if (out / n).exists()]
-    if not found:
-        return None
-    for which in ("latest", "best"):
-        try:
-            meta = ckpt.load_checkpoint(out / "ckpt" / which)   # meta.json only
-        except ckpt.CheckpointError:
-            continue
-        extra = meta.get("extra") or {}
-        total = (extra.get("train_config") or {}).get("max_steps")
-        best = extra.get("best_val")
-        return (f"a checkpoint at step {extra.get('step')}" + (f" of {total}" if total else "")
-                + (f", best validation loss {best:.4f}" if isinstance(best, (int, float))
-                   and math.isfinite(best) else ""))
-    steps = []
-    if (out / LOG_NAME).is_file():
-        for line in (out / LOG_NAME).read_text(errors="replace").splitlines():
-            try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                pass
-    if steps:
-        return f"a log up to step {max(steps)} and no checkpoint"
-    return f"{', '.join(found)} and no checkpoint"
-
-
-def resumable(out: str | os.PathLike) -> bool:
-    """True when ``out`` holds a committed checkpoint (latest or best) to resume from."""
-    root = Path(out) / "ckpt"
-    for which in ("latest", "best"):
-        try:
-            if ckpt.latest_checkpoint(root / which) is not None:
-                return True
-        except ckpt.CheckpointError:
-            continue
-    return False
-
-
-def run_train_config(out: str | os.PathLike) -> dict | None:
-    """The training options a run in ``out`` was started with (from its checkpoint), or None."""
-    for which in ("latest", "best"):
-        try:
-            meta = ckpt.load_checkpoint(Path(out) / "ckpt" / which)   # meta.json only
-        except ckpt.CheckpointError:
-            continue
-        return (meta.get("extra") or {}).get("train_config")
-    return None
-
-
-def check_out(cfg: TrainConfig) -> None:
-    """Every check on --out that needs no data and writes nothing: a file in the way, a folder
-    that cannot be written, a run that would be overwritten without --overwrite."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder: pass a folder for the run "
-                            "(it is created if needed)")
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise TrainingError(f"--out {out}: {parent} is a file, so the folder cannot be created; "
-                            "choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out {out}: no permission to write in {parent}; choose a folder "
-                            "you can write")
-    if (out / "meta.json").is_file() and (out / "train.bin").exists():
-        raise TrainingError(f"--out {out} is a prepared data folder (it holds meta.json and "
-                            "train.bin), not a run: pass it as --data, and choose another --out "
-                            "for the run")
-    status = run_status(out) if out.is_dir() else None
-    if status is None or cfg.overwrite:
-        return
-    if not resumable(out):
-        raise TrainingError(f"{out} holds {status}: there is nothing to resume from; pass "
-                            "--overwrite to start that run again, or another --out")
-    if cfg.resume:
-        return
-    raise TrainingError(f"{out} already holds a run ({status}): pass --resume to continue it, "
-                        "--overwrite to replace it, or another --out")
-
-
-@contextlib.contextmanager
-def _writing(path):
-    """An OSError while writing the run (permissions, a full disk) is the user's to fix: say
-    where, and stop; checkpoints already committed stay valid."""
-    try:
-        yield
-    except OSError as e:
-        advice = ("free some space or choose another --out" if e.errno == errno.ENOSPC else
-                  "choose another --out")
-        raise TrainingError(f"could not write {getattr(e, 'filename', None) or path}: "
-                            f"{e.strerror or e}; {advice}") from None
 
 
 class _Interrupts:
@@ -382,82 +223,6 @@ def check_memory(model_cfg: GPTConfig, cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ training
-def check_world(cfg: TrainConfig, world) -> None:
-    """The parallel options against the ranks the launcher started (``world``: the MPI world
-    group, or None for one process). No communication."""
-    p, n = cfg.parallel, (world.size if world is not None else 1)
-    if p.zero and p.dp == 1:
-        raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
-                          "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
-    if p.dp * p.tp * p.pp == n:
-        return
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError(f"--dp {p.dp} x --tp {p.tp} x --pp {p.pp} = {p.dp * p.tp * p.pp} "
-                          f"ranks, but the launcher started {n}: the product of the degrees must "
-                          "equal the number of ranks")
-    if n > p.dp:
-        raise ConfigError(f"the launcher started {n} processes but --dp is {p.dp}: pass --dp {n} "
-                          "(the data-parallel degree must equal the number of ranks)")
-    if n < p.dp:
-        how = "" if "mpi4py" in sys.modules else "install mpi4py (pip install -e '.[mpi]'), then "
-        raise ConfigError(f"--dp {p.dp} but the launcher started {n} process(es): {how}run "
-                          f"`mpiexec -n {p.dp} tensorlite-gpt train --dp {p.dp} ...`, or pass "
-                          "--dp 1 to train in one process")
-
-
-class PeerError(TrainingError):
-    """Another rank met a mistake and says which; this one stops quietly."""
-
-
-def agree_on_errors(world, err: Exception | None) -> None:
-    """Before the ranks communicate for the first time, every rank learns whether any rank met
-    a mistake (all of them usually meet the same one): the lowest such rank raises its error,
-    the others PeerError, and all of them exit normally (no MPI_Abort, no rank left waiting)."""
-    if world is None:
-        if err is not None:
-            raise err
-        return
-    first = np.array([world.rank if err is not None else world.size], dtype=np.int64)
-    world.all_reduce(first, op="min")
-    if int(first[0]) == world.size:
-        return
-    e = err if err is not None and world.rank == int(first[0]) else PeerError(
-        f"rank {int(first[0])} stopped on a mistake")
-    e.agreed = True
-    raise e
-
-
-def check_same_options(world, cfg: TrainConfig) -> None:
-    """Every rank must run the same options (a rank started with another --lr would train a
-    different model silently)."""
-    if world is None:
-        return
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).digest()
-    h = np.frombuffer(digest[:8], dtype=np.int64).copy()
-    lo, hi = h.copy(), h.copy()
-    world.all_reduce(lo, op="min")
-    world.all_reduce(hi, op="max")
-    if lo[0] != hi[0]:
-        e = ConfigError("the ranks were started with different options: start every rank "
-                        "with the same command")
-        e.agreed = True
-        raise e
-
-
-def mpi_world():
-    """The MPI world group when this process runs under a launcher with several ranks and
-    mpi4py is loaded, else None (one process: no MPI is imported for it)."""
-    if "mpi4py.MPI" not in sys.modules and not any(
-            k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
-        return None
-    try:
-        import parallel
-        world = parallel.world_group()
-    except ImportError:
-        return None
-    return world if world.size > 1 else None
-
-
 class Trainer:
     """One training run. Single process: forward_backward -> clip -> optimizer_step. With
     data parallelism (--dp N under mpiexec) the same loop runs on every rank on its slice of
@@ -504,7 +269,7 @@ class Trainer:
             stage = parallel.build_stage(first, blocks, last, self.par.pp.rank, self.par.pp.size)
             self.pipe = parallel.PipelineExecutor(stage, self.par.pp, cfg.parallel.pp_schedule,
                                                   num_micro_batches=cfg.grad_accum, tied=tied)
-            self._owner = _stage_owners(self.model, self.par.pp.size)
+            self._owner = stage_owners(self.model, self.par.pp.size)
             trained = stage
         groups = param_groups(trained, cfg.weight_decay)
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
@@ -566,7 +331,7 @@ class Trainer:
         if self.pipe is not None:   # every stage's weights and moments, on every rank
             opt = self._sync_pipeline(with_optimizer=True)
         if self.is_main:
-            with _writing(path):
+            with writing(path):
                 ckpt.save_checkpoint(path, model=model, optimizer=opt,
                                      config=self.model_cfg.to_dict(),
                                      extra=json_safe(self._state()))
@@ -792,8 +557,8 @@ class Trainer:
         cfg = self.cfg
         from .data.tokenizer import tokenizer_filename
         if not self.is_main:
-            return _NoLog()
-        with _writing(self.out):
+            return NoLog()
+        with writing(self.out):
             if cfg.overwrite:
                 for name in RUN_FILES:
                     path = self.out / name
@@ -805,7 +570,7 @@ class Trainer:
             tok_file = self.out / tokenizer_filename(self.tokenizer.kind)
             if self.resumed_from is None or not tok_file.exists():
                 self.tokenizer.save(tok_file)   # for sample
-            return _Log(self.out / LOG_NAME, self.step if self.resumed_from else None)
+            return RunLog(self.out / LOG_NAME, self.step if self.resumed_from else None)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -899,8 +664,8 @@ class Trainer:
                    "best_val_loss": self.best_val, "unigram_baseline": self.baseline,
                    "interrupted": interrupted, "stopped": stopped, "out": str(self.out)}
         if self.is_main:
-            with _writing(self.out / "summary.json"):
-                _atomic_json(self.out / "summary.json", json_safe(summary))
+            with writing(self.out / "summary.json"):
+                atomic_json(self.out / "summary.json", json_safe(summary))
         if stopped:
             raise TrainingError(stopped)
         return summary
@@ -920,7 +685,7 @@ class Trainer:
         skip = ", or pass --skip-nonfinite to skip such steps" if what == "loss" else ""
         return f"non-finite {what} ({loss}) at step {self.step}: stopping; {where} (lower --lr{skip})"
 
-    def _evaluate(self, log: _Log) -> float:
+    def _evaluate(self, log: RunLog) -> float:
         if self.pipe is not None:        # every rank evaluates the whole, current model
             self._sync_pipeline()
         val = evaluate(self.model, self.val_loader, self.eval_steps)
@@ -932,7 +697,7 @@ class Trainer:
             self.best_val = val
             self.save("best")
         if self.is_main:
-            with _writing(self.out / "loss.png"):
+            with writing(self.out / "loss.png"):
                 plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
         self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
                  f"{math.exp(min(val, 50)):.1f}; unigram baseline {self.baseline:.3f})")
@@ -966,23 +731,6 @@ def _progress(enabled: bool, initial: int, total: int):
         def update(self, n): pass
         def close(self): pass
     return _Null()
-
-
-def _stage_owners(model: GPT, stages: int) -> dict:
-    """Parameter name -> the pipeline stage that trains it (the first stage for the tied
-    embedding, which the last stage also holds)."""
-    from parallel.pipeline import partition
-    bounds = partition(len(model.blocks), stages)
-    owners = {}
-    for name, _ in model.named_parameters():
-        if name.startswith("blocks."):
-            i = int(name.split(".")[1])
-            owners[name] = next(s for s, (lo, hi) in enumerate(bounds) if lo <= i < hi)
-        elif name.startswith(("ln_f", "lm_head")):
-            owners[name] = stages - 1
-        else:
-            owners[name] = 0
-    return owners
 
 
 def backend_zeros_like(a):

@@ -1,0 +1,182 @@
+"""The run folder (--out) of `tensorlite-gpt train`: what it holds, the checks that keep a
+user's run from being overwritten, and how its files are written (log.jsonl as strict JSON,
+summary.json atomically, an OSError named with the path and what to do).
+
+    runs/gpt/  ckpt/latest, ckpt/best   nn.checkpoint folders (the commit point: `latest`)
+               log.jsonl                 one record per logged step and per evaluation
+               loss.png, summary.json    the plot; the outcome (strict JSON)
+               tokenizer.model|json      the data's tokenizer, for sample/eval
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+from nn import checkpoint as ckpt
+
+from .config import TrainConfig
+
+LOG_NAME = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message says why and what to do."""
+
+
+def atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """log.jsonl: one JSON record per line, flushed as written."""
+
+    def __init__(self, path: Path, truncate_from_step: int | None):
+        self.path = path
+        if truncate_from_step is not None and path.exists():
+            # a resumed run rewrites the steps after its checkpoint, so the log reads as
+            # one uninterrupted run
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", -1) <= truncate_from_step]
+            path.write_text("".join(k + "\n" for k in keep))
+        elif truncate_from_step is None:
+            path.write_text("")
+        self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+class NoLog:
+    """Ranks other than 0 write no log."""
+
+    def write(self, rec: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def json_safe(obj):
+    """``obj`` with non-finite floats as None: JSON has no NaN or Infinity, and a file with
+    them is not JSON that other tools can read."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+# What `train` writes into --out; an existing folder holding any of them holds a run.
+RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json")
+
+
+def run_status(out: str | os.PathLike) -> str | None:
+    """What the run in ``out`` has reached ("a checkpoint at step 2000 of 2000, best validation
+    loss 3.4900"), or None when ``out`` holds no run."""
+    out = Path(out)
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if not found:
+        return None
+    for which in ("latest", "best"):
+        try:
+            meta = ckpt.load_checkpoint(out / "ckpt" / which)   # meta.json only
+        except ckpt.CheckpointError:
+            continue
+        extra = meta.get("extra") or {}
+        total = (extra.get("train_config") or {}).get("max_steps")
+        best = extra.get("best_val")
+        return (f"a checkpoint at step {extra.get('step')}" + (f" of {total}" if total else "")
+                + (f", best validation loss {best:.4f}" if isinstance(best, (int, float))
+                   and math.isfinite(best) else ""))
+    steps = []
+    if (out / LOG_NAME).is_file():
+        for line in (out / LOG_NAME).read_text(errors="replace").splitlines():
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    if steps:
+        return f"a log up to step {max(steps)} and no checkpoint"
+    return f"{', '.join(found)} and no checkpoint"
+
+
+def resumable(out: str | os.PathLike) -> bool:
+    """True when ``out`` holds a committed checkpoint (latest or best) to resume from."""
+    root = Path(out) / "ckpt"
+    for which in ("latest", "best"):
+        try:
+            if ckpt.latest_checkpoint(root / which) is not None:
+                return True
+        except ckpt.CheckpointError:
+            continue
+    return False
+
+
+def run_train_config(out: str | os.PathLike) -> dict | None:
+    """The training options a run in ``out`` was started with (from its checkpoint), or None."""
+    for which in ("latest", "best"):
+        try:
+            meta = ckpt.load_checkpoint(Path(out) / "ckpt" / which)   # meta.json only
+        except ckpt.CheckpointError:
+            continue
+        return (meta.get("extra") or {}).get("train_config")
+    return None
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Every check on --out that needs no data and writes nothing: a file in the way, a folder
+    that cannot be written, a run that would be overwritten without --overwrite."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder: pass a folder for the run "
+                            "(it is created if needed)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainingError(f"--out {out}: {parent} is a file, so the folder cannot be created; "
+                            "choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {out}: no permission to write in {parent}; choose a folder "
+                            "you can write")
+    if (out / "meta.json").is_file() and (out / "train.bin").exists():
+        raise TrainingError(f"--out {out} is a prepared data folder (it holds meta.json and "
+                            "train.bin), not a run: pass it as --data, and choose another --out "
+                            "for the run")
+    status = run_status(out) if out.is_dir() else None
+    if status is None or cfg.overwrite:
+        return
+    if not resumable(out):
+        raise TrainingError(f"{out} holds {status}: there is nothing to resume from; pass "
+                            "--overwrite to start that run again, or another --out")
+    if cfg.resume:
+        return
+    raise TrainingError(f"{out} already holds a run ({status}): pass --resume to continue it, "
+                        "--overwrite to replace it, or another --out")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """An OSError while writing the run (permissions, a full disk) is the user's to fix: say
+    where, and stop; checkpoints already committed stay valid."""
+    try:
+        yield
+    except OSError as e:
+        advice = ("free some space or choose another --out" if e.errno == errno.ENOSPC else
+                  "choose another --out")
+        raise TrainingError(f"could not write {getattr(e, 'filename', None) or path}: "
+                            f"{e.strerror or e}; {advice}") from None
+
+
