@@ -379,9 +379,10 @@ def test_set_num_threads_wins_over_the_environment(monkeypatch, threads):
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not installed")
 def test_ranks_under_mpiexec_share_the_cores():
+    # one os.write per rank: two ranks' print()s can interleave on the shared pipe
     code = ("import os, tensorlite as tl; "
-            "print('RANK', os.environ.get('MPI_LOCALNRANKS') or "
-            "os.environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'), tl.get_num_threads())")
+            "n = os.environ.get('MPI_LOCALNRANKS') or os.environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'); "
+            "os.write(1, f'RANK {n} {tl.get_num_threads()}\\n'.encode())")
     env = {k: v for k, v in os.environ.items() if k != "TENSORLITE_NUM_THREADS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                          os.environ.get("PYTHONPATH", "")])
@@ -392,7 +393,8 @@ def test_ranks_under_mpiexec_share_the_cores():
         pytest.fail("mpiexec -n 2 did not finish in 120 s")
     if out.returncode != 0:
         pytest.skip(f"mpiexec cannot start 2 ranks here: {out.stderr.strip()[-300:]}")
-    lines = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("RANK")]
+    import re
+    lines = re.findall(r"(RANK) (\S+) (\d+)", out.stdout)
     assert len(lines) == 2, out.stdout + out.stderr
     cores = _cores()
     share = max(1, cores // 2) if cores > (os.cpu_count() or cores) // 2 else cores
