@@ -103,18 +103,26 @@ class MultiHeadAttention(Module):
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary.tables(t, offset, x.dtype)          # (T, D/2)
-        mask = _mask_input(attn_mask, x, (b, self.n_head, t, offset + t))
+        mask = self._mask(attn_mask, x, (b, self.n_head, t, offset + t))
         y = ops.SelfAttention.apply(
             self.qkv(x), mask, n_head=self.n_head, is_causal=self.causal,
-            dropout_p=self.dropout_p if self.training else 0.0, cos=cos, sin=sin,
-            kv_cache=kv_cache)                                           # (B, T, C)
+            dropout_p=self.dropout_p if self.training else 0.0, generator=self.attn_generator,
+            cos=cos, sin=sin, kv_cache=kv_cache)                         # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    # A tensor-parallel version of this layer (parallel/tensor_parallel.py) holds a share of
+    # the heads and overrides these two; the forward above is the same for both.
+    attn_generator = None      # dropout on the attention weights draws from the global generator
+
+    def _mask(self, attn_mask, x: Tensor, scores_shape: tuple):
+        """attn_mask as the op takes it, checked against the scores (B, H, T, cached + T)."""
+        return mask_input(attn_mask, x, scores_shape)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_head={self.n_head}, causal={self.causal}"
 
 
-def _mask_input(attn_mask, x: Tensor, scores_shape: tuple):
+def mask_input(attn_mask, x: Tensor, scores_shape: tuple):
     """attn_mask as the op takes it: None, a Tensor (so that a float mask that requires grad
     gets its gradient) or a backend array; checked against the scores' (B, H, Tq, Tk)."""
     if attn_mask is None:

@@ -60,9 +60,8 @@ import numpy as np
 import nn
 import tensorlite as tl
 from nn import functional as F
-from nn.attention import _mask_input
+from nn.attention import mask_input
 from tensorlite import backend
-from tensorlite.ops import nn as ops
 from tensorlite.tensor import Function, Tensor
 
 from .comm import Group
@@ -299,7 +298,7 @@ def manual_seed(seed: int, group: Group) -> None:
 
 
 # ============================================================================ attention
-class ParallelAttention(nn.Module):
+class ParallelAttention(nn.MultiHeadAttention):
     """nn.MultiHeadAttention with its heads cut across the ranks: rank r holds heads
     [r H/tp, (r+1) H/tp).
 
@@ -312,12 +311,15 @@ class ParallelAttention(nn.Module):
                   -> proj -g-> (B,T,C)
 
     A KV cache holds the rank's heads only (nn.KVCache sizes itself from the first keys).
-    Dropout on the attention weights is inside the region: the region generator.
+    Dropout on the attention weights is inside the region: the region generator. The forward
+    is nn.MultiHeadAttention's; only the mask (cut to this rank's heads) and the generator
+    differ.
     """
+    attn_generator = _region_generator
 
     def __init__(self, d_model: int, n_head: int, group: Group, bias: bool = True,
                  dropout: float = 0.0, causal: bool = True, rotary=None):
-        super().__init__()
+        nn.Module.__init__(self)        # the layers come from the dense one, cut
         self._shard(nn.MultiHeadAttention(d_model, n_head, bias, dropout, causal, rotary), group)
 
     @classmethod
@@ -339,27 +341,11 @@ class ParallelAttention(nn.Module):
         self.resid_dropout = attn.resid_dropout         # after g: replicated, global generator
         self.rotary = attn.rotary                        # the model's shared tables
 
-    def forward(self, x: Tensor, kv_cache=None, attn_mask=None) -> Tensor:
-        """x: (B, T, C), the same on every rank -> (B, T, C), the same on every rank (as
-        MultiHeadAttention.forward; ``attn_mask`` over all H heads, or broadcast over them)."""
-        if x.ndim != 3 or x.shape[2] != self.d_model:
-            raise ValueError(f"ParallelAttention: input of shape {x.shape}, expected "
-                             f"(batch, time, {self.d_model})")
-        b, t, _ = x.shape
-        offset = kv_cache.length if kv_cache is not None else 0
-        cos = sin = None
-        if self.rotary is not None:
-            cos, sin = self.rotary.tables(t, offset, x.dtype)                  # (T, D/2)
-        mask = self._my_heads(_mask_input(attn_mask, x, (b, self.n_head_total, t, offset + t)))
-        y = ops.SelfAttention.apply(
-            self.qkv(x), mask, n_head=self.n_head, is_causal=self.causal,
-            dropout_p=self.dropout_p if self.training else 0.0, generator=_region_generator,
-            cos=cos, sin=sin, kv_cache=kv_cache)                              # (B, T, C/tp)
-        return self.resid_dropout(self.proj(y))                               # (B, T, C)
-
-    def _my_heads(self, mask):
-        """A mask with a head dim of H -> this rank's H/tp heads (one broadcast over heads
-        stays as it is)."""
+    def _mask(self, attn_mask, x: Tensor, scores_shape: tuple):
+        """A mask over all H heads (checked against the dense scores' shape) -> this rank's
+        H/tp heads (one broadcast over heads stays as it is)."""
+        b, _, t, tk = scores_shape
+        mask = mask_input(attn_mask, x, (b, self.n_head_total, t, tk))
         if mask is None:
             return None
         if isinstance(mask, Tensor) and mask.requires_grad:
@@ -577,7 +563,7 @@ def tensor_parallel_(model: nn.Module, group: Group) -> nn.Module:
     attns, mlps = [], []                 # found first, swapped after: no change mid-walk
     for _, m in model.named_modules():
         for child_name, child in m.named_children():
-            if isinstance(child, nn.MultiHeadAttention):
+            if isinstance(child, nn.MultiHeadAttention) and not isinstance(child, ParallelAttention):
                 attns.append((m, child_name, child))
             elif isinstance(child, nn.FeedForward):
                 mlps.append(child)

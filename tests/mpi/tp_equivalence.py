@@ -255,7 +255,11 @@ model = tp.tensor_parallel_(new_model(cfg, "float64", 0), group)
 opt = new_opt(model, "float64")
 tp.manual_seed(1234, group)
 x, y = batch(cfg, 0)
+region_before = json.dumps(tp.region_generator().get_state())
 _, loss = model(x, y)
+# attention-weight dropout (inside the region) drew from the region generator
+assert json.dumps(tp.region_generator().get_state()) != region_before, \
+    "attention dropout did not use the region generator"
 loss.backward()
 opt.step()
 shards = tp.sharded_parameters(model)
