@@ -41,7 +41,7 @@ class ParallelConfig:
     dp: int = option(1, "data-parallel degree: must equal the number of MPI ranks "
                         "(mpiexec -n N); the global batch is split over them")
     tp: int = option(1, "tensor-parallel degree: each block's heads, MLP and the vocabulary "
-                        "split over this many adjacent ranks (Megatron-LM); --dp x --tp = ranks")
+                        "split over this many adjacent ranks (Megatron-LM); dp x tp x pp = ranks")
     pp: int = option(1, "pipeline-parallel degree: the blocks split into this many stages, "
                         "one a rank; --grad-accum micro-batches flow through them")
     pp_schedule: str = option("1f1b", "pipeline schedule: gpipe | 1f1b")
@@ -57,12 +57,6 @@ class ParallelConfig:
                 raise ConfigError(f"--{k} must be an integer >= 1, got {getattr(self, k)!r}")
         if self.pp_schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"--pp-schedule must be gpipe or 1f1b, got {self.pp_schedule!r}")
-        if self.pp > 1 and (self.tp > 1 or self.zero):
-            raise ConfigError("--pp does not combine with --tp or --zero yet (with --dp it "
-                              "does): mpiexec -n N ... --dp D --pp P with D x P = N")
-        if self.zero and self.tp > 1:
-            raise ConfigError("--zero 1 with --tp > 1 is not supported yet (ZeRO's clipping does "
-                              "not know the tensor-parallel shards); use one of them")
         if self.zero not in (0, 1):
             raise ConfigError(f"--zero must be 0 or 1, got {self.zero!r}")
         if not (isinstance(self.bucket_mb, (int, float)) and math.isfinite(self.bucket_mb)

@@ -251,17 +251,19 @@ class _Embed(nn.Module):
 
 
 class _Head(nn.Module):
-    """GPT.forward's last lines, as a pipeline's last piece: (B, T, C), targets -> loss."""
+    """GPT.forward's last lines, as a pipeline's last piece: (B, T, C), targets -> loss.
+    The head and loss are the model's own ``logits_and_loss`` (the vocab-parallel ones under
+    tensor parallelism), taken when the pieces are cut."""
 
     def __init__(self, gpt: GPT):
         super().__init__()
         self.ln_f = gpt.ln_f
         self.wte = gpt.wte if gpt.lm_head is None else None       # the tied matrix
         self.lm_head = gpt.lm_head
+        self.__dict__["_logits_and_loss"] = gpt.logits_and_loss   # a method, not a child
 
     def forward(self, h, targets):
-        w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.cross_entropy(F.linear(self.ln_f(h), w), targets)
+        return self._logits_and_loss(self.ln_f(h), targets)[1]
 
 
 def _prompt_ids(idx) -> np.ndarray:

@@ -263,7 +263,8 @@ class Trainer:
         self.pipe = None
         trained = self.model
         if cfg.parallel.pp > 1:
-            # each rank runs one stage of the blocks; micro-batches flow through the schedule
+            # each rank runs one stage of the blocks (of its TP shards, under --tp too);
+            # micro-batches flow through the schedule
             import parallel
             first, blocks, last, tied = self.model.pipeline_pieces()
             stage = parallel.build_stage(first, blocks, last, self.par.pp.rank, self.par.pp.size)
@@ -271,11 +272,13 @@ class Trainer:
                                                   num_micro_batches=cfg.grad_accum, tied=tied)
             self._owner = stage_owners(self.model, self.par.pp.size)
             trained = stage
+        self.trained = trained                  # what this rank's optimizer steps
+        self._norm_groups, self._norm_weight = self._grad_norm_parts()
         groups = param_groups(trained, cfg.weight_decay)
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         self.ddp = None
-        if self.par is not None and cfg.parallel.zero:    # (validate refuses ZeRO with TP)
-            import parallel
+        if self.par is not None and cfg.parallel.zero:
+            import parallel        # the data-parallel group shards what this rank trains
             self.opt = parallel.ZeroAdamW(groups, self.par.dp, **adam)  # broadcasts rank 0's
         else:
             self.opt = AdamW(groups, **adam)
@@ -326,10 +329,10 @@ class Trainer:
         path = self.out / "ckpt" / name
         model, opt = self.model, (self.opt.unsharded() if hasattr(self.opt, "unsharded")
                                   else self.opt)
-        if self.tp is not None:     # the dense model's tensors, whatever the degree
-            model, opt = self._dense_copy()
         if self.pipe is not None:   # every stage's weights and moments, on every rank
-            opt = self._sync_pipeline(with_optimizer=True)
+            opt = self._sync_pipeline(opt)
+        if self.tp is not None:     # the dense model's tensors, whatever the degree
+            model, opt = self._dense_copy(opt)
         if self.is_main:
             with writing(path):
                 ckpt.save_checkpoint(path, model=model, optimizer=opt,
@@ -374,35 +377,41 @@ class Trainer:
         self.say(f"--resume: no checkpoint in {root}; starting fresh")
         return None
 
-    def _dense_copy(self):
-        """A dense GPT and AdamW holding a tensor-parallel model's gathered state (collective),
-        for a checkpoint that loads under any degree."""
+    def _whole_adamw(self) -> AdamW:
+        """An AdamW (this run's hyperparameters, no state) over every parameter of this
+        rank's model: the whole model, TP shards under --tp, every stage under --pp."""
+        return self._adamw_over(self.model)
+
+    def _adamw_over(self, model) -> AdamW:
+        return AdamW([dict(h, params=ps) for h, ps in zip(self.opt.param_groups, [
+            x["params"] for x in param_groups(model, self.cfg.weight_decay)])])
+
+    def _dense_copy(self, opt):
+        """A dense GPT and AdamW holding a tensor-parallel model's gathered state and
+        ``opt``'s (an AdamW over the whole TP model), for a checkpoint that loads under any
+        degree (collective over the TP group)."""
         sd = self.tp.gather_state_dict(self.model, self.par.tp)
-        osd = self.tp.gather_optimizer_state_dict(self.opt, self.model, self.par.tp)
+        osd = self.tp.gather_optimizer_state_dict(opt, self.model, self.par.tp)
         dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
         dense.load_state_dict({k: v.data for k, v in sd.items()})
-        opt = AdamW([dict(g, params=p) for g, p in zip(
-            self.opt.param_groups, [g["params"] for g in param_groups(
-                dense, self.cfg.weight_decay)])])
-        opt.load_state_dict(osd)
-        return dense, opt
+        dense_opt = self._adamw_over(dense)
+        dense_opt.load_state_dict(osd)
+        return dense, dense_opt
 
-    def _sync_pipeline(self, with_optimizer: bool = False):
+    def _sync_pipeline(self, opt=None):
         """Make every rank's whole model current (each stage trains its own blocks; the
-        others are stale): each weight broadcast from the stage that owns it. With
-        ``with_optimizer``, also return an AdamW over the whole model holding every stage's
-        moments, for a checkpoint in the one-process format."""
+        others are stale): each weight broadcast from the stage that owns it (under --tp,
+        each TP rank's shard from its own stage). With ``opt`` (an AdamW over this stage),
+        also return an AdamW over the whole model holding every stage's moments, for a
+        checkpoint in the one-process format."""
         g = self.par.pp
-        full = None
-        if with_optimizer:
-            full = AdamW([dict(h, params=ps) for h, ps in zip(self.opt.param_groups, [
-                x["params"] for x in param_groups(self.model, self.cfg.weight_decay)])])
+        full = self._whole_adamw() if opt is not None else None
         for name, p in self.model.named_parameters():
             root = self._owner[name]
             g.broadcast(p.data, root=root)
             if full is None or self.step == 0:
                 continue
-            mine = self.opt.state.get(p) if g.rank == root else None
+            mine = opt.state.get(p) if g.rank == root else None
             st = {k: (mine[k] if mine else backend_zeros_like(p.data)) for k in
                   ("exp_avg", "exp_avg_sq")}
             n = np.array([mine["step"] if mine else 0], dtype=np.int64)
@@ -413,27 +422,28 @@ class Trainer:
 
     def _load_resume_point(self) -> Path:
         path = self._resume_point
-        if self.pipe is not None:    # the whole model on every rank; each stage its moments
-            full = AdamW([dict(h, params=ps) for h, ps in zip(self.opt.param_groups, [
-                x["params"] for x in param_groups(self.model, self.cfg.weight_decay)])])
-            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
-            mine = {id(p) for grp in self.opt.param_groups for p in grp["params"]}
-            self.opt.state = {p: st for p, st in full.state.items() if id(p) in mine}
-        elif self.tp is not None:      # load the dense checkpoint, keep this rank's shards
-            dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
-            full = AdamW([dict(g, params=p) for g, p in zip(
-                self.opt.param_groups, [g["params"] for g in param_groups(
-                    dense, self.cfg.weight_decay)])])
-            meta = ckpt.load_checkpoint(path, model=dense, optimizer=full)
-            self.tp.load_dense_state_dict(self.model, dense.state_dict(), self.par.tp)
-            self.tp.load_dense_optimizer_state_dict(self.opt, self.model, full.state_dict(),
-                                                    self.par.tp)
-        elif hasattr(self.opt, "unsharded"):     # ZeRO-1: load whole, keep this rank's shard
-            full = AdamW([dict(g) for g in self.opt.param_groups])
-            meta = ckpt.load_checkpoint(path, model=self.model, optimizer=full)
-            self.opt.load_state_dict(full.state_dict())
-        else:
+        if self.tp is None and self.pipe is None and not hasattr(self.opt, "unsharded"):
             meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
+        else:
+            # the dense checkpoint into this rank's whole model (its TP shards under --tp),
+            # then this rank's part of the optimizer state (its stage's, its ZeRO shard)
+            whole = self._whole_adamw()
+            if self.tp is not None:
+                dense = GPT(self.model_cfg).to(self.cfg.device, self.cfg.dtype)
+                dense_opt = self._adamw_over(dense)
+                meta = ckpt.load_checkpoint(path, model=dense, optimizer=dense_opt)
+                self.tp.load_dense_state_dict(self.model, dense.state_dict(), self.par.tp)
+                self.tp.load_dense_optimizer_state_dict(whole, self.model,
+                                                        dense_opt.state_dict(), self.par.tp)
+            else:
+                meta = ckpt.load_checkpoint(path, model=self.model, optimizer=whole)
+            mine = AdamW([dict(g) for g in self.opt.param_groups])
+            ids = {id(p) for grp in mine.param_groups for p in grp["params"]}
+            mine.state = {p: st for p, st in whole.state.items() if id(p) in ids}
+            if hasattr(self.opt, "unsharded"):          # ZeRO-1 keeps its shard of it
+                self.opt.load_state_dict(mine.state_dict())
+            else:
+                self.opt.state = mine.state
         extra = meta["extra"]
         try:
             self.train_loader.load_state_dict(extra["loader"])
@@ -510,16 +520,32 @@ class Trainer:
         # (tensor parallelism alone: every rank of the group holds the same loss already)
         return parallel.all_reduce_mean(loss, self.par.dp) if self.par.dp.size > 1 else loss
 
+    def _grad_norm_parts(self):
+        """The groups over which one model replica is spread (tensor, pipeline) and the share
+        of each parameter's squared gradient this rank counts in the global norm (see
+        parallel.grad_norm): 1/tp for a TP-replicated tensor, 0 for the last stage's copy of
+        the tied embedding. (None, None) when this rank holds the whole model."""
+        if self.par is None or (self.tp is None and self.pipe is None):
+            return (), None
+        tp_w = self.tp.norm_weight(self.model, self.par.tp) if self.tp is not None else None
+        pp_w = self.pipe.norm_weight if self.pipe is not None else None
+
+        def weight(p):
+            return (tp_w(p) if tp_w else 1.0) * (pp_w(p) if pp_w else 1.0)
+        return [g for g, on in ((self.par.tp, self.tp), (self.par.pp, self.pipe)) if on], weight
+
     def clip(self) -> float:
+        """Clip the global gradient norm (the whole model's, as one process computes it)."""
         cfg = self.cfg
         if cfg.grad_clip <= 0:
             return 0.0
-        if self.pipe is not None:     # the whole model's norm, from every stage's weights
-            return self.pipe.clip_grad_norm_(cfg.grad_clip)
-        if self.tp is not None:       # the dense model's norm, from every rank's shards
-            return self.tp.clip_grad_norm_(self.model, cfg.grad_clip, self.par.tp)
         if hasattr(self.opt, "clip_grad_norm_"):      # ZeRO-1: the norm of all the shards
-            return self.opt.clip_grad_norm_(cfg.grad_clip)
+            return self.opt.clip_grad_norm_(cfg.grad_clip, groups=self._norm_groups,
+                                            weight=self._norm_weight)
+        if self._norm_weight is not None:             # the pieces of one model over ranks
+            import parallel
+            return parallel.grad_norm.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip,
+                                                      self._norm_groups, self._norm_weight)
         return clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
 
     def optimizer_step(self) -> None:

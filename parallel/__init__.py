@@ -7,6 +7,7 @@ Read in this order:
     world.py          init_parallel, ranks on this machine, CPU threads per rank, never hang
     data_parallel.py  DataParallel: bucketed all-reduces from gradient hooks
     zero.py           ZeroAdamW: ZeRO-1, AdamW's state sharded over the data-parallel ranks
+    grad_norm.py      the global gradient norm of a model spread over ranks (for clipping)
     schedule.py       pipeline schedules as data (GPipe, 1F1B): instructions, simulate, timetable
     pipeline.py       Stage, PipelineExecutor: a schedule run on one stage, activations sent p2p
     tensor_parallel.py  Megatron-LM: f/g, column/row-parallel linears, heads split, vocab-parallel
@@ -38,6 +39,7 @@ from .layout import Layout
 from .world import (ParallelState, abort_on_error, cpu_threads_per_rank, init_parallel,
                     install_abort_handler, local_rank, local_size, world_group)
 from .zero import ZeroAdamW
+from . import grad_norm
 from .pipeline import PipelineExecutor, Stage, build_stage, partition
 from .schedule import (SCHEDULES, ScheduleError, get_schedule, gpipe, one_f_one_b,
                        predicted_bubble, simulate, timetable)
@@ -49,7 +51,7 @@ from .tensor_parallel import (ColumnParallelLinear, ParallelAttention, RowParall
 __all__ = ["Group", "Request", "SelfComm", "mpi_cuda_aware", "DataParallel", "all_reduce_mean",
            "broadcast_parameters", "Layout", "ParallelState", "abort_on_error",
            "cpu_threads_per_rank", "init_parallel", "install_abort_handler", "local_rank",
-           "local_size", "world_group", "ZeroAdamW", "tensor_parallel", "ColumnParallelLinear",
+           "local_size", "world_group", "ZeroAdamW", "grad_norm", "tensor_parallel", "ColumnParallelLinear",
            "ParallelAttention", "RowParallelLinear", "VocabParallelEmbedding", "gather_state_dict",
            "load_dense_state_dict", "tensor_parallel_", "vocab_parallel_cross_entropy"]
 __all__ += ["PipelineExecutor", "Stage", "build_stage", "partition", "SCHEDULES",

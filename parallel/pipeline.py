@@ -40,7 +40,6 @@ stay equal.
 """
 from __future__ import annotations
 
-import math
 import time
 import weakref
 
@@ -51,6 +50,7 @@ import tensorlite as tl
 from tensorlite import backend
 from tensorlite.tensor import Tensor
 
+from . import grad_norm
 from .comm import Group
 from .schedule import (Backward, Forward, LoadMicroBatch, RecvActivation, RecvGrad,
                        ReduceTiedGrads, SendActivation, SendGrad, get_schedule, schedule_name)
@@ -317,23 +317,14 @@ class PipelineExecutor:
         tied = {id(p) for p in self.tied}
         return [p for p in self.params if self.stage == 0 or id(p) not in tied]
 
+    def norm_weight(self, p) -> float:
+        """The share of ``p``'s squared gradient norm this stage counts (parallel.grad_norm):
+        0 for the last stage's copy of a tied weight (stage 0 counts it), else 1."""
+        return 0.0 if self.stage != 0 and any(p is t for t in self.tied) else 1.0
+
     def clip_grad_norm_(self, max_norm: float) -> float:
         """``nn.optim.clip_grad_norm_`` over the whole model: the squared norms of every
         stage's gradients (a tied weight counted once) are summed over the pipeline group,
         and every stage scales its gradients (both tied copies alike) by the same factor.
         Returns the total norm before clipping, on every stage."""
-        local = 0.0
-        for p in self.owned_parameters():
-            if p.grad is not None:
-                g = p.grad.data.reshape(-1)
-                if g.dtype.itemsize < 4:
-                    g = g.astype(np.float32)           # float16 squares overflow at ~256
-                local += float(backend.xp_of(g).vdot(g, g))
-        total = math.sqrt(self.group.all_reduce_scalar(local)) if self.num_stages > 1 \
-            else math.sqrt(local)
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0 or not math.isfinite(total):
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.data *= coef
-        return total
+        return grad_norm.clip_grad_norm_(self.params, max_norm, [self.group], self.norm_weight)

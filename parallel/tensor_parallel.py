@@ -51,7 +51,6 @@ This module never imports ``gpt``: it finds a GPT's parts by type and attribute 
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ from nn.attention import mask_input
 from tensorlite import backend
 from tensorlite.tensor import Function, Tensor
 
+from . import grad_norm
 from .comm import Group
 from .data_parallel import broadcast_parameters
 
@@ -668,25 +668,13 @@ def load_dense_optimizer_state_dict(optimizer, model: nn.Module, state_dict: dic
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group) -> float:
     """nn.optim.clip_grad_norm_ for a TP model: the 2-norm of the whole (dense) model's
     gradient, from each rank's shards (their squares summed over the ranks: one all-reduce)
-    and the replicated gradients (counted once: every rank holds all of them). Scales every
+    and the replicated gradients (counted once: each rank counts 1/tp of them). Scales every
     gradient in place by max_norm / (norm + 1e-6) when that is < 1; returns the norm."""
-    splits = _splits_by_id(model)
-    sharded_sq = replicated_sq = 0.0
-    grads = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        g = p.grad.data
-        grads.append(g)
-        flat = g.reshape(-1).astype(backend.xp_of(g).float64, copy=False)
-        sq = float(flat @ flat)
-        if id(p) in splits:
-            sharded_sq += sq
-        else:
-            replicated_sq += sq
-    total = math.sqrt(group.all_reduce_scalar(sharded_sq) + replicated_sq)
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0 or not math.isfinite(total):
-        for g in grads:
-            g *= coef
-    return total
+    return grad_norm.clip_grad_norm_(model.parameters(), max_norm, [group],
+                                     norm_weight(model, group))
+
+
+def norm_weight(model: nn.Module, group: Group):
+    """parameter -> the share of its squared gradient norm this TP rank counts (see
+    parallel.grad_norm): 1 for a shard, 1 / tp for a replicated tensor."""
+    return grad_norm.tensor_parallel_weight(_splits_by_id(model), group.size)

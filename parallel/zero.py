@@ -34,6 +34,7 @@ from nn.optim import AdamW
 from tensorlite import backend
 from tensorlite.tensor import Tensor
 
+from . import grad_norm
 from .comm import Group
 from .data_parallel import broadcast_parameters
 
@@ -135,14 +136,24 @@ class ZeroAdamW:
         self._grad_shard /= self.group.size
         self._reduced = True
 
-    def clip_grad_norm_(self, max_norm: float, error_if_nonfinite: bool = False) -> float:
+    def clip_grad_norm_(self, max_norm: float, error_if_nonfinite: bool = False,
+                        groups=(), weight=None) -> float:
         """``nn.clip_grad_norm_`` (L2) on the sharded gradient: the global norm is the square
         root of the sum over ranks of each shard's sum of squares; returns it (before
-        clipping). Reduces the gradients first if `reduce_gradients` was not called."""
+        clipping). Reduces the gradients first if `reduce_gradients` was not called.
+
+        When each data-parallel replica is itself spread over ranks (tensor or pipeline
+        parallel), ``groups`` are those groups and ``weight`` (parameter -> share, as in
+        parallel.grad_norm) says how much of each parameter this rank counts."""
         if not self._reduced:
             self.reduce_gradients()
         xp, s = backend.xp_of(self._grad_shard), self._grad_shard
-        total = math.sqrt(self.group.all_reduce_scalar(float(xp.vdot(s, s))))
+        if weight is None:
+            local = grad_norm.sum_of_squares(s)
+        else:
+            w = self._shard_weights(weight)
+            local = float(xp.vdot(s.astype(xp.float64) * w, s.astype(xp.float64)))
+        total = grad_norm.total_norm(self.group.all_reduce_scalar(local), groups)
         if not math.isfinite(total) and error_if_nonfinite:
             raise RuntimeError(f"ZeroAdamW.clip_grad_norm_: the total norm of the gradients is "
                                f"{total}, so it cannot be clipped; lower the learning rate or "
@@ -151,6 +162,18 @@ class ZeroAdamW:
         if coef < 1.0 or not math.isfinite(total):
             s *= coef
         return total
+
+    def _shard_weights(self, weight):
+        """(S,) float64: each element of this rank's shard weighted as its parameter."""
+        if getattr(self, "_weights_for", None) is not weight:
+            xp = backend.xp_of(self._master)
+            w = xp.zeros(self.shard, xp.float64)
+            for p, o in zip(self._params, self._offsets):
+                a, b = max(o, self.lo), min(o + p.numel(), self.lo + self.shard)
+                if a < b:
+                    w[a - self.lo:b - self.lo] = weight(p)
+            self._weights, self._weights_for = w, weight
+        return self._weights
 
     def step(self) -> None:
         """AdamW on this rank's shard, then every rank's updated shard into every rank's

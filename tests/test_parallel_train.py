@@ -60,7 +60,9 @@ def _numbers(out):
     (2, ["--dp", "2"], 1), (2, ["--dp", "2", "--zero", "1"], 1), (4, ["--dp", "4"], 2),
     (2, ["--tp", "2"], 1), (4, ["--dp", "2", "--tp", "2"], 2),
     (2, ["--pp", "2"], 2), (2, ["--pp", "2", "--pp-schedule", "gpipe"], 4),
-    (4, ["--dp", "2", "--pp", "2"], 2)])
+    (4, ["--dp", "2", "--pp", "2"], 2), (4, ["--tp", "2", "--pp", "2"], 2),
+    (4, ["--dp", "2", "--tp", "2", "--zero", "1"], 2),
+    (4, ["--dp", "2", "--pp", "2", "--zero", "1", "--pp-schedule", "gpipe"], 2)])
 def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, accum, dtype, tol):
     args = ["--data", str(data), *COMMON, "--dtype", dtype, "--grad-accum", str(accum)]
     one = _train([*args, "--out", str(tmp_path / "one")])
@@ -82,7 +84,14 @@ def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, ac
                                         ((1, []), (2, ["--tp", "2"])),
                                         ((4, ["--dp", "2", "--tp", "2"]), (2, ["--dp", "2"])),
                                         ((2, ["--pp", "2", "--grad-accum", "2"]), (1, [])),
-                                        ((1, ["--grad-accum", "2"]), (2, ["--pp", "2"]))])
+                                        ((1, ["--grad-accum", "2"]), (2, ["--pp", "2"])),
+                                        ((4, ["--tp", "2", "--pp", "2", "--grad-accum", "2"]),
+                                         (1, [])),
+                                        ((2, ["--pp", "2", "--grad-accum", "2"]), (4, ["--dp", "2", "--tp", "2",
+                                                                  "--zero", "1"])),
+                                        ((4, ["--dp", "2", "--tp", "2", "--zero", "1",
+                                              "--grad-accum", "2"]),
+                                         (4, ["--dp", "2", "--pp", "2", "--zero", "1"]))])
 def test_a_checkpoint_resumes_under_another_layout(data, tmp_path, first, then):
     """Checkpoints hold the dense model and AdamW state whatever the layout: a run killed
     under one layout resumes under another and logs what one uninterrupted process logs."""
@@ -131,8 +140,9 @@ def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
     (1, ["--zero", "1"], "--zero 1 shards the optimizer state"),
     (2, ["--tp", "2", "--dp", "2"], "--dp 2 x --tp 2 x --pp 1 = 4 ranks, but the launcher started 2"),
     (2, ["--tp", "2", "--n-head", "1"], "--tp 2 must divide --n-head 1"),
-    (4, ["--tp", "2", "--zero", "1", "--dp", "2"], "--zero 1 with --tp > 1 is not supported"),
-    (4, ["--pp", "2", "--tp", "2"], "--pp does not combine with --tp or --zero yet"),
+    (4, ["--tp", "2", "--pp", "2", "--dp", "2"],
+     "--dp 2 x --tp 2 x --pp 2 = 8 ranks, but the launcher started 4"),
+    (4, ["--tp", "2", "--pp", "2", "--zero", "1"], "--zero 1 shards the optimizer state"),
     (2, ["--pp", "3"], "--pp 3 stages need at least as many blocks; --n-layer is 2"),
 ])
 def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
