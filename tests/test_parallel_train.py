@@ -1,6 +1,6 @@
-"""`tensorlite-gpt train --dp N [--zero 1]` under mpiexec logs what one process logs, step for
-step, writes only from rank 0, resumes under another degree, and refuses a degree that does
-not match the launcher."""
+"""`tensorlite-gpt train` under mpiexec, with any layout (--dp, --tp, --pp, --zero 1 and their
+combinations), logs what one process logs, step for step, writes only from rank 0, resumes
+under another layout, and refuses a layout that does not match the launcher."""
 import json
 import os
 import shutil
@@ -62,7 +62,8 @@ def _numbers(out):
     (2, ["--pp", "2"], 2), (2, ["--pp", "2", "--pp-schedule", "gpipe"], 4),
     (4, ["--dp", "2", "--pp", "2"], 2), (4, ["--tp", "2", "--pp", "2"], 2),
     (4, ["--dp", "2", "--tp", "2", "--zero", "1"], 2),
-    (4, ["--dp", "2", "--pp", "2", "--zero", "1", "--pp-schedule", "gpipe"], 2)])
+    (4, ["--dp", "2", "--pp", "2", "--zero", "1", "--pp-schedule", "gpipe"], 2)],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
 def test_a_parallel_run_logs_what_one_process_logs(data, tmp_path, n, layout, accum, dtype, tol):
     args = ["--data", str(data), *COMMON, "--dtype", dtype, "--grad-accum", str(accum)]
     one = _train([*args, "--out", str(tmp_path / "one")])
