@@ -1,0 +1,1 @@
+"""Alignment after pretraining: the chat template, supervised fine-tuning (SFT) and DPO."""
