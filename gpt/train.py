@@ -82,7 +82,8 @@ def unigram_baseline(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_siz
     return float(-(val_counts * logp).sum() / max(val_counts.sum(), 1))
 
 
-def plot_losses(log_path: Path, png_path: Path, baseline: float | None = None) -> None:
+def plot_losses(log_path: Path, png_path: Path, baseline: float | None = None,
+                baseline_label: str = "unigram baseline") -> None:
     """The loss curve (train and validation) as a PNG, written atomically."""
     import matplotlib
     matplotlib.use("Agg")
@@ -100,7 +101,7 @@ def plot_losses(log_path: Path, png_path: Path, baseline: float | None = None) -
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     if baseline is not None:
-        ax.axhline(baseline, ls="--", color="gray", label="unigram baseline")
+        ax.axhline(baseline, ls="--", color="gray", label=baseline_label)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
@@ -251,6 +252,7 @@ class Trainer:
             self.par = parallel.init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
         tl.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
+        self._init_weights()
         # the whole model's size and FLOPs (a tensor-parallel rank holds only its shards)
         self.n_params, self.flops_per_token = (self.model.num_parameters(),
                                                self.model.flops_per_token())
@@ -286,12 +288,7 @@ class Trainer:
                 import parallel
                 self.ddp = parallel.DataParallel(self.model, self.par.dp,
                                                  bucket_cap_mb=cfg.parallel.bucket_mb)
-        bs = self.model_cfg.block_size
-        dp = self.par.dp if self.par is not None else None
-        self.train_loader = BatchLoader(self._train_path, cfg.batch_size, bs, seed=cfg.seed,
-                                        rank=dp.rank if dp else 0,
-                                        world_size=dp.size if dp else 1)
-        self.val_loader = BatchLoader(self._val_path, cfg.batch_size, bs, mode="sequential")
+        self.train_loader, self.val_loader = self._make_loaders()
         self.eval_steps = min(cfg.eval_steps, self.val_loader.steps_per_epoch)
         self.step = 0
         self.best_val = float("inf")
@@ -300,6 +297,45 @@ class Trainer:
         self.saved_step: int | None = None     # and its step
         # 3. --resume: load what the preflight chose and checked; run() writes only after
         self.resumed_from = self._load_resume_point() if self._resume_point else None
+
+    # -- what a subclass (SFT, DPO) replaces --------------------------------------------------
+    baseline_label = "unigram baseline"
+
+    def _init_weights(self) -> None:
+        """The model's starting weights: GPT's own initialisation (fine-tuning loads them)."""
+
+    def _make_loaders(self):
+        """(train loader, validation loader): each rank reads its slice of the global batch."""
+        cfg, bs = self.cfg, self.model_cfg.block_size
+        dp = self.par.dp if self.par is not None else None
+        train = BatchLoader(self._train_path, cfg.batch_size, bs, seed=cfg.seed,
+                            rank=dp.rank if dp else 0, world_size=dp.size if dp else 1)
+        return train, BatchLoader(self._val_path, cfg.batch_size, bs, mode="sequential")
+
+    def _baseline(self) -> float:
+        """The dashed line of the plot: here the unigram model's validation loss."""
+        return unigram_baseline(np.asarray(self.train_loader._tokens()),
+                                np.asarray(self.val_loader._tokens()), self.tokenizer.vocab_size)
+
+    def _batch_loss(self, batch):
+        """The loss of one micro-batch (this rank's rows), a scalar Tensor."""
+        x, y = batch
+        return self.model(tl.tensor(x, device=self.cfg.device),
+                          tl.tensor(y, device=self.cfg.device))[1]
+
+    def _micro_weights(self, batches) -> list:
+        """The factor of each micro-batch's loss in the step's: its share of the step's
+        batch (every micro-batch is full here: 1 / grad_accum each)."""
+        return [1.0 / len(batches)] * len(batches)
+
+    def _val_loss(self) -> float:
+        return evaluate(self.model, self.val_loader, self.eval_steps)
+
+    def _save_tokenizer(self) -> None:
+        from .data.tokenizer import tokenizer_filename
+        tok_file = self.out / tokenizer_filename(self.tokenizer.kind)
+        if self.resumed_from is None or not tok_file.exists():
+            self.tokenizer.save(tok_file)   # for sample
 
     def _preflight(self, world) -> None:
         """Every check that needs no communication: options, the launcher's ranks, --out,
@@ -480,21 +516,21 @@ class Trainer:
     def forward_backward(self) -> float:
         """Sum the gradients of grad_accum micro-batches; the mean loss over them. Under
         data parallelism only the last micro-batch's backward starts the all-reduces."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
+        batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
         if self.pipe is not None:     # the whole global batch, as the schedule's micro-batches
-            batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
             x = np.concatenate([b[0] for b in batches])
             y = np.concatenate([b[1] for b in batches])
             return self.pipe.forward_backward(tl.tensor(x, device=cfg.device),
                                               tl.tensor(y, device=cfg.device))
+        weights = self._micro_weights(batches)
         total = 0.0
-        for i in range(cfg.grad_accum):
-            x, y = self.train_loader.next_batch()
+        for i, (batch, w) in enumerate(zip(batches, weights)):
             sync = self.ddp is None or i == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                _, loss = model(tl.tensor(x, device=cfg.device), tl.tensor(y, device=cfg.device))
-                (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+                loss = self._batch_loss(batch)
+                (loss * w).backward()
+            total += loss.item() * w
         return total
 
     def reduce_gradients(self, loss: float) -> float:
@@ -581,7 +617,6 @@ class Trainer:
     def _start_writing(self):
         """The first writes of the run (rank 0's): every check has passed."""
         cfg = self.cfg
-        from .data.tokenizer import tokenizer_filename
         if not self.is_main:
             return NoLog()
         with writing(self.out):
@@ -593,18 +628,14 @@ class Trainer:
                     elif path.exists() or path.is_symlink():
                         path.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
-            tok_file = self.out / tokenizer_filename(self.tokenizer.kind)
-            if self.resumed_from is None or not tok_file.exists():
-                self.tokenizer.save(tok_file)   # for sample
+            self._save_tokenizer()
             return RunLog(self.out / LOG_NAME, self.step if self.resumed_from else None)
 
     def run(self) -> dict:
         cfg = self.cfg
         resumed = self.resumed_from is not None
         log = self._start_writing()
-        self.baseline = unigram_baseline(np.asarray(self.train_loader._tokens()),
-                                         np.asarray(self.val_loader._tokens()),
-                                         self.tokenizer.vocab_size)
+        self.baseline = self._baseline()
         peak = _Peak(cfg.device, ranks=self.par.world.size if self.par else 1)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
         layout = (f"; {self.par.dp.size} data-parallel x {self.par.tp.size} tensor-parallel x "
@@ -612,7 +643,7 @@ class Trainer:
         self.say(f"model: {self.n_params:,} parameters "
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
-                 f"{tokens_per_step} tokens/step; unigram baseline {self.baseline:.3f} nats"
+                 f"{tokens_per_step} tokens/step; {self.baseline_label} {self.baseline:.3f} nats"
                  + layout + (f"; resumed at step {self.step}" if resumed else ""))
         if self.pipe is not None and cfg.parallel.pp_timetable:
             import parallel
@@ -714,7 +745,7 @@ class Trainer:
     def _evaluate(self, log: RunLog) -> float:
         if self.pipe is not None:        # every rank evaluates the whole, current model
             self._sync_pipeline()
-        val = evaluate(self.model, self.val_loader, self.eval_steps)
+        val = self._val_loss()
         log.write({"step": self.step, "val_loss": round(val, 6),
                    "val_ppl": round(math.exp(min(val, 50)), 3)})
         if not math.isfinite(val):
@@ -724,9 +755,10 @@ class Trainer:
             self.save("best")
         if self.is_main:
             with writing(self.out / "loss.png"):
-                plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline)
+                plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline,
+                            self.baseline_label)
         self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
-                 f"{math.exp(min(val, 50)):.1f}; unigram baseline {self.baseline:.3f})")
+                 f"{math.exp(min(val, 50)):.1f}; {self.baseline_label} {self.baseline:.3f})")
         return val
 
     def sample(self, n: int, max_new_tokens: int, temperature=0.8, top_k=None, seed=0) -> list:
