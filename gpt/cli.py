@@ -248,45 +248,11 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device}: {tl.cuda_unavailable_reason()}; use --device cpu")
 
 
-def _pick_checkpoint(out: str, which: str | None, say) -> Path:
-    """The checkpoint folder to load: --which, or best (else latest) by default; a damaged
-    one is skipped for the other with a warning."""
-    from nn import checkpoint as ckpt
-    root = Path(out) / "ckpt"
-    order = [which, "latest" if which == "best" else "best"] if which else ["best", "latest"]
-    damaged = []
-    for name in order:
-        try:
-            ckpt.verify_checkpoint(root / name)
-        except ckpt.CheckpointNotFoundError:
-            continue
-        except ckpt.CheckpointError as e:
-            damaged.append(str(e))
-            continue
-        if damaged:
-            say(f"warning: {damaged[0]}\nusing {root / name} instead")
-        elif which and name != which:
-            say(f"note: {out} has no ckpt/{which} yet; using ckpt/{name}")
-        return root / name
-    if damaged:
-        raise UsageError(" ".join(damaged))
-    raise UsageError(f"no checkpoint at {root}: train first (tensorlite-gpt train --out {out})")
-
-
 def _load_run(out: str, which: str | None, device: str):
-    """(model, tokenizer, meta) from a run folder written by train."""
-    from nn import checkpoint as ckpt
-
-    from .model import GPT, GPTConfig
-    from .data.tokenizer import load_tokenizer
+    """(model, tokenizer, meta) from a run folder written by train or sft."""
+    from .run_folder import load_run
     _check_device(device)
-    path = _pick_checkpoint(out, which, lambda m: print(m, file=sys.stderr))
-    meta = ckpt.load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
-    ckpt.load_checkpoint(path, model=model)
-    tok_files = [Path(out) / n for n in ("tokenizer.model", "tokenizer.json")]
-    tok = load_tokenizer(next((f for f in tok_files if f.exists()), tok_files[0]))
-    return model, tok, meta
+    return load_run(out, which, device, lambda m: print(m, file=sys.stderr))
 
 
 def cmd_sample(args) -> int:

@@ -6,6 +6,7 @@ summary.json atomically, an OSError named with the path and what to do).
                log.jsonl                 one record per logged step and per evaluation
                loss.png, summary.json    the plot; the outcome (strict JSON)
                tokenizer.model|json      the data's tokenizer, for sample/eval
+               chat_template.json        after SFT: the chat tokens added to it
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def json_safe(obj):
 
 
 # What `train` writes into --out; an existing folder holding any of them holds a run.
-RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json")
+RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json",
+             "chat_template.json")
 
 
 def run_status(out: str | os.PathLike) -> str | None:
@@ -180,3 +182,63 @@ def writing(path):
                             f"{e.strerror or e}; {advice}") from None
 
 
+
+
+# ------------------------------------------------------------------------------ reading a run
+def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
+                    what: str = "--out") -> Path:
+    """The checkpoint folder of the run in ``out`` to load: ``which`` (best | latest), or
+    best (else latest) by default; a damaged one is skipped for the other with a warning."""
+    out = Path(out)
+    root = out / "ckpt"
+    order = [which, "latest" if which == "best" else "best"] if which else ["best", "latest"]
+    damaged = []
+    for name in order:
+        try:
+            ckpt.verify_checkpoint(root / name)
+        except ckpt.CheckpointNotFoundError:
+            continue
+        except ckpt.CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        if damaged:
+            say(f"warning: {damaged[0]}\nusing {root / name} instead")
+        elif which and name != which:
+            say(f"note: {out} has no ckpt/{which} yet; using ckpt/{name}")
+        return root / name
+    if damaged:
+        raise TrainingError(" ".join(damaged))
+    if not out.exists():
+        raise TrainingError(f"{what} {out} does not exist: pass the folder of a run "
+                            "(the --out of tensorlite-gpt train)")
+    if (out / "meta.json").is_file() and (out / "train.bin").exists():
+        raise TrainingError(f"{what} {out} is a prepared data folder, not a run: pass the "
+                            "--out of a training run")
+    raise TrainingError(f"no checkpoint at {root}: {what} must be a trained run (train first: "
+                        f"tensorlite-gpt train --out {out})")
+
+
+def load_tokenizer_of(out: str | os.PathLike):
+    """The tokenizer a run in ``out`` was trained with (with its chat tokens after SFT)."""
+    from .align.template import load_chat_tokenizer
+    from .data.tokenizer import load_tokenizer
+    files = [Path(out) / n for n in ("tokenizer.model", "tokenizer.json")]
+    base = load_tokenizer(next((f for f in files if f.exists()), files[0]))
+    return load_chat_tokenizer(out, base) or base
+
+
+def load_run(out: str | os.PathLike, which: str | None = None, device: str = "cpu",
+             say=print, what: str = "--out"):
+    """(model, tokenizer, meta) of the run in ``out``: its checkpoint (see pick_checkpoint)
+    into a GPT on ``device``, and its tokenizer."""
+    from .model import GPT, GPTConfig
+    path = pick_checkpoint(out, which, say, what)
+    meta = ckpt.load_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
+    ckpt.load_checkpoint(path, model=model)
+    tok = load_tokenizer_of(out)
+    if tok.vocab_size != model.config.vocab_size:
+        raise TrainingError(f"the tokenizer in {out} has {tok.vocab_size} ids but the model in "
+                            f"{path} has {model.config.vocab_size}; the run folder is "
+                            "inconsistent (was a file replaced?)")
+    return model, tok, meta

@@ -125,7 +125,7 @@ def test_cli_config_file_and_overrides(data_dir, tmp_path, capsys):
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--device", "cuda"], "use --device cpu"),
     (["train", "--warmup-steps", "50", "--max-steps", "10"], "--warmup-steps 50 must be between"),
-    (["sample", "--out", "/nonexistent/run"], "no checkpoint at"),
+    (["sample", "--out", "/nonexistent/run"], "--out /nonexistent/run does not exist"),
     (["train", "--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
 ])
 def test_cli_user_errors_are_one_line(args, msg, capsys, data_dir):
