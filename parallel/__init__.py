@@ -4,6 +4,7 @@ Read in this order:
 
     layout.py         world rank <-> (pipeline, data, tensor) coordinates, as Megatron-LM
     comm.py           Group: rank, size, buffer-based collectives; GPU arrays; one-process stand-in
+                      CommStats, record_comm: the seconds a rank waits on communication
     world.py          init_parallel, ranks on this machine, CPU threads per rank, never hang
     data_parallel.py  DataParallel: bucketed all-reduces from gradient hooks
     zero.py           ZeroAdamW: ZeRO-1, AdamW's state sharded over the data-parallel ranks
@@ -33,7 +34,7 @@ Pipeline parallelism (PP) replaces forward-backward (parallel/pipeline.py):
 
 This package never imports ``gpt`` (the model and trainer sit above it).
 """
-from .comm import Group, Request, SelfComm, mpi_cuda_aware
+from .comm import CommStats, Group, Request, SelfComm, comm_stats, mpi_cuda_aware, record_comm
 from .data_parallel import DataParallel, all_reduce_mean, broadcast_parameters
 from .layout import Layout
 from .world import (ParallelState, abort_on_error, cpu_threads_per_rank, init_parallel,
@@ -48,7 +49,8 @@ from .tensor_parallel import (ColumnParallelLinear, ParallelAttention, RowParall
                               VocabParallelEmbedding, gather_state_dict, load_dense_state_dict,
                               tensor_parallel_, vocab_parallel_cross_entropy)
 
-__all__ = ["Group", "Request", "SelfComm", "mpi_cuda_aware", "DataParallel", "all_reduce_mean",
+__all__ = ["CommStats", "Group", "Request", "SelfComm", "comm_stats", "mpi_cuda_aware",
+           "record_comm", "DataParallel", "all_reduce_mean",
            "broadcast_parameters", "Layout", "ParallelState", "abort_on_error",
            "cpu_threads_per_rank", "init_parallel", "install_abort_handler", "local_rank",
            "local_size", "world_group", "ZeroAdamW", "grad_norm", "tensor_parallel", "ColumnParallelLinear",

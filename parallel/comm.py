@@ -18,12 +18,22 @@ GPU (CuPy) arrays go one of two ways, decided once per process (`mpi_cuda_aware`
 
 Without mpi4py (or to run anything in one process) a group of size 1 is made over
 `SelfComm`: the same calls, done by copying, so the rest of the project needs no MPI.
+
+How long a rank waits on communication (bench/bench_layouts.py):
+
+    with record_comm() as stats:          # every Group of this process, split ones too
+        trainer.train_step()
+    stats.seconds["all_reduce"], stats.seconds["wait"], stats.bytes["send"], stats.total_seconds
+
+Off by default: outside ``record_comm`` each call checks one module variable and times nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -154,6 +164,77 @@ def _ask_libmpi() -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- accounting
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier",
+         "wait")
+
+
+class CommStats:
+    """The time this rank spent blocked in communication, with calls and bytes, per kind.
+
+    - one kind per `Group` operation (``all_reduce``, ``reduce_scatter``, ``all_gather``,
+      ``broadcast``, ``send``, ``recv``, ``barrier``): the wall time of the blocking call, or of
+      starting the non-blocking one (``async_op=True``, which returns at once);
+    - ``wait``: the time in `Request.wait` and `Request.test` of a non-blocking operation of
+      any kind: what of it the caller did not hide behind its own work. What MPI moved while
+      the rank computed costs nothing here; a rank that polls (``test``) while it computes
+      spends that time in MPI, and it is counted.
+
+    So ``total_seconds`` is exposed communication, waiting for a slower partner included (a
+    rank that enters an all-reduce first waits there for the last). ``bytes``: the size of the
+    array handed to MPI (for reduce_scatter and all_gather the whole vector, not the shard),
+    counted when the operation starts; what crosses the wire depends on MPI's algorithm.
+    Staging a device array through host memory is timed when it is the copy back at the end
+    (inside the call, or the wait), not the copy to the host before it. ``calls`` counts
+    starts, and waits and tests each time.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(KINDS, 0.0)
+        self.calls = dict.fromkeys(KINDS, 0)
+        self.bytes = dict.fromkeys(KINDS, 0)
+        self.total_seconds = 0.0
+
+    def add(self, kind: str, seconds: float, nbytes: int = 0) -> None:
+        self.seconds[kind] += seconds
+        self.calls[kind] += 1
+        self.bytes[kind] += nbytes
+        self.total_seconds += seconds
+
+    def as_dict(self) -> dict:
+        return {"total_seconds": self.total_seconds, "seconds": dict(self.seconds),
+                "calls": dict(self.calls), "bytes": dict(self.bytes)}
+
+    def __repr__(self):
+        busy = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in self.seconds.items() if self.calls[k])
+        return f"CommStats({1e3 * self.total_seconds:.2f} ms: {busy or 'nothing'})"
+
+
+_stats: CommStats | None = None        # the recording in force (record_comm); None: off
+
+
+@contextlib.contextmanager
+def record_comm(stats: CommStats | None = None):
+    """``with record_comm() as stats:`` every Group of this process (groups made by split()
+    included) adds the time it blocks to ``stats`` (a new CommStats unless one is given, which
+    then keeps adding to what it holds). Blocks nest: the innermost records, and the outer one
+    is in force again after it."""
+    global _stats
+    prev, _stats = _stats, (CommStats() if stats is None else stats)
+    try:
+        yield _stats
+    finally:
+        _stats = prev
+
+
+def comm_stats() -> CommStats | None:
+    """The CommStats being recorded into now, or None (recording is off)."""
+    return _stats
+
+
 # ----------------------------------------------------------------------------- requests
 class Request:
     """A non-blocking operation in flight. ``wait()`` completes it (and copies a staged result
@@ -172,12 +253,21 @@ class Request:
 
     def wait(self) -> None:
         if not self.completed:
+            stats = _stats
+            t0 = time.perf_counter() if stats is not None else 0.0
             self._req.Wait()
             self._finish()
+            if stats is not None:
+                stats.add("wait", time.perf_counter() - t0)
 
     def test(self) -> bool:
-        if not self.completed and self._req.Test():
-            self._finish()
+        if not self.completed:
+            stats = _stats
+            t0 = time.perf_counter() if stats is not None else 0.0
+            if self._req.Test():
+                self._finish()
+            if stats is not None:
+                stats.add("wait", time.perf_counter() - t0)
         return self.completed
 
 
@@ -234,14 +324,22 @@ class Group:
             raise ValueError(f"{self.name}: reduction op must be one of {OPS}, got {op!r}")
         return getattr(self._mpi, op.upper())
 
-    def _run(self, call, async_op: bool, done, keep):
-        """Run a blocking MPI call, or start a non-blocking one (``call(True)``)."""
+    def _run(self, kind: str, counted, call, async_op: bool, done, keep):
+        """Run a blocking MPI call, or start a non-blocking one (``call(True)``); timed as
+        ``kind``, with ``counted``'s bytes, when a `record_comm` block is recording."""
+        stats = _stats
+        t0 = time.perf_counter() if stats is not None else 0.0
         if async_op:
-            return Request(call(True), done, keep)
-        call(False)
-        if done is not None:
-            done()
-        return None
+            out = Request(call(True), done, keep)
+        else:
+            call(False)
+            if done is not None:
+                done()
+            out = None
+        if stats is not None:
+            nbytes = 0 if counted is None else counted.size * counted.dtype.itemsize
+            stats.add(kind, time.perf_counter() - t0, nbytes)
+        return out
 
     @staticmethod
     def _check_sizes(what, send, recv, size):
@@ -256,7 +354,8 @@ class Group:
         ranks' arrays. ``MPI_Allreduce(MPI_IN_PLACE, ...)`` / ``MPI_Iallreduce``."""
         buf, done = self._buffer(array, "all_reduce")
         mop, c, ip = self._op(op), self.comm, self._mpi.IN_PLACE
-        return self._run(lambda nb: (c.Iallreduce if nb else c.Allreduce)(ip, buf, mop),
+        return self._run("all_reduce", array,
+                         lambda nb: (c.Iallreduce if nb else c.Allreduce)(ip, buf, mop),
                          async_op, done, (array, buf))
 
     def reduce_scatter(self, send, recv, op: str = "sum", async_op: bool = False):
@@ -267,8 +366,9 @@ class Group:
         sbuf, _ = self._buffer(send, "reduce_scatter", write=False)
         rbuf, done = self._buffer(recv, "reduce_scatter", read=False)
         mop, c = self._op(op), self.comm
-        return self._run(lambda nb: (c.Ireduce_scatter_block if nb else c.Reduce_scatter_block)(
-            sbuf, rbuf, mop), async_op, done, (send, recv, sbuf, rbuf))
+        return self._run("reduce_scatter", send, lambda nb: (
+            c.Ireduce_scatter_block if nb else c.Reduce_scatter_block)(sbuf, rbuf, mop),
+            async_op, done, (send, recv, sbuf, rbuf))
 
     def all_gather(self, send, recv, async_op: bool = False):
         """Rank r's ``send`` (n,) lands at [r*n, (r+1)*n) of every rank's ``recv`` (size * n,).
@@ -277,7 +377,8 @@ class Group:
         sbuf, _ = self._buffer(send, "all_gather", write=False)
         rbuf, done = self._buffer(recv, "all_gather", read=False)
         c = self.comm
-        return self._run(lambda nb: (c.Iallgather if nb else c.Allgather)(sbuf, rbuf),
+        return self._run("all_gather", recv,
+                         lambda nb: (c.Iallgather if nb else c.Allgather)(sbuf, rbuf),
                          async_op, done, (send, recv, sbuf, rbuf))
 
     def broadcast(self, array, root: int = 0, async_op: bool = False):
@@ -285,21 +386,24 @@ class Group:
         is_root = self.rank == root
         buf, done = self._buffer(array, "broadcast", read=is_root, write=not is_root)
         c = self.comm
-        return self._run(lambda nb: (c.Ibcast if nb else c.Bcast)(buf, root),
+        return self._run("broadcast", array,
+                         lambda nb: (c.Ibcast if nb else c.Bcast)(buf, root),
                          async_op, done, (array, buf))
 
     def send(self, array, dest: int, tag: int = 0, async_op: bool = False):
         """``array`` to rank ``dest`` of this group. ``MPI_Send`` / ``MPI_Isend``."""
         buf, _ = self._buffer(array, "send", write=False)
         c = self.comm
-        return self._run(lambda nb: (c.Isend if nb else c.Send)(buf, dest=dest, tag=tag),
+        return self._run("send", array,
+                         lambda nb: (c.Isend if nb else c.Send)(buf, dest=dest, tag=tag),
                          async_op, None, (array, buf))
 
     def recv(self, array, source: int, tag: int = 0, async_op: bool = False):
         """Into ``array``, from rank ``source`` of this group. ``MPI_Recv`` / ``MPI_Irecv``."""
         buf, done = self._buffer(array, "recv", read=False)
         c = self.comm
-        return self._run(lambda nb: (c.Irecv if nb else c.Recv)(buf, source=source, tag=tag),
+        return self._run("recv", array,
+                         lambda nb: (c.Irecv if nb else c.Recv)(buf, source=source, tag=tag),
                          async_op, done, (array, buf))
 
     def isend(self, array, dest: int, tag: int = 0) -> Request:
@@ -309,7 +413,7 @@ class Group:
         return self.recv(array, source, tag, async_op=True)
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._run("barrier", None, lambda nb: self.comm.Barrier(), False, None, ())
 
     def all_reduce_scalar(self, value: float, op: str = "sum") -> float:
         """A Python number reduced over the group, through a one-element float64 array."""
