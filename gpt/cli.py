@@ -1,4 +1,4 @@
-"""tensorlite-gpt: prepare | train | sample | eval.
+"""tensorlite-gpt: prepare | train | sample | eval | sft | chat.
 
 A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
@@ -12,14 +12,29 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_DATA, train_specs
+from .config import DEFAULT_DATA, sft_specs, train_specs
 
-# `train`'s options come from the config dataclasses (gpt.config): option -> (type, help) for
-# values, switch -> help for booleans, switch -> (field, value it sets)
-_TRAIN_SPECS = train_specs()
-TRAIN_OPTIONS = {s.name: (s.type, s.help) for s in _TRAIN_SPECS if s.type is not bool}
-TRAIN_FLAGS = {s.flag: s.help for s in _TRAIN_SPECS if s.type is bool}
-_FLAG_SETS = {s.flag: (s.name, not s.default) for s in _TRAIN_SPECS if s.type is bool}
+
+class Options:
+    """A command's options from the config dataclasses (gpt.config): option -> (type, help)
+    for values, switch -> help for booleans, switch -> (field, value it sets)."""
+
+    def __init__(self, specs):
+        self.options = {s.name: (s.type, s.help) for s in specs if s.type is not bool}
+        self.flags = {s.flag: s.help for s in specs if s.type is bool}
+        self.flag_sets = {s.flag: (s.name, not s.default) for s in specs if s.type is bool}
+
+    def add_to(self, parser) -> None:
+        for k, (t, h) in self.options.items():
+            parser.add_argument(_opt(k), dest=k, type=t, default=None, help=h)
+        for k, h in self.flags.items():   # None when absent, so a TOML value is not overridden
+            parser.add_argument(_opt(k), dest=k, action="store_const", const=True, default=None,
+                                help=h)
+
+
+TRAIN = Options(train_specs())
+SFT = Options(sft_specs())
+TRAIN_OPTIONS, TRAIN_FLAGS = TRAIN.options, TRAIN.flags
 
 
 class UsageError(Exception):
@@ -51,11 +66,11 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
     if getattr(args, "config", None):
         d = _load_toml(args.config)
         tables = sorted(k for k, v in d.items() if isinstance(v, dict))
-        unknown_tables = [t for t in tables if t not in ("train", "prepare")]
+        unknown_tables = [t for t in tables if t not in ("train", "prepare", "sft")]
         if unknown_tables:
             raise UsageError(f"config file {args.config}: unknown table(s) "
-                             f"{['[' + t + ']' for t in unknown_tables]}; use [train] or "
-                             "[prepare] (or top-level keys)")
+                             f"{['[' + t + ']' for t in unknown_tables]}; use [train], "
+                             "[prepare] or [sft] (or top-level keys)")
         d = {**{k: v for k, v in d.items() if not isinstance(v, dict)}, **d.get(section, {})}
         known = set(fields) | set(flags)
         unknown = sorted(set(d) - known)
@@ -73,14 +88,14 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
     return out
 
 
-def _train_options(args) -> dict:
+def _train_options(args, opts: Options = TRAIN, section: str = "train") -> dict:
     """The training options given (--config, then the command line), as field -> value; a
     switch (--no-bias) or its TOML key (no_bias = true) sets its field (bias = False), and
     TOML may also name the field itself. TOML values must have the option's type."""
-    d = _merge(args, {**TRAIN_OPTIONS, **{f: None for f, _ in _FLAG_SETS.values()}},
-               TRAIN_FLAGS, "train")
-    types = {**{k: t for k, (t, _) in TRAIN_OPTIONS.items()},
-             **{k: bool for k in TRAIN_FLAGS}, **{f: bool for f, _ in _FLAG_SETS.values()}}
+    d = _merge(args, {**opts.options, **{f: None for f, _ in opts.flag_sets.values()}},
+               opts.flags, section)
+    types = {**{k: t for k, (t, _) in opts.options.items()},
+             **{k: bool for k in opts.flags}, **{f: bool for f, _ in opts.flag_sets.values()}}
     for k, v in d.items():
         t = types[k]
         ok = (isinstance(v, bool) if t is bool else
@@ -89,7 +104,7 @@ def _train_options(args) -> dict:
         if not ok:
             raise UsageError(f"config file {args.config}: {k} = {v!r} must be "
                              f"{'true or false' if t is bool else 'a number' if t is float else 'an integer' if t is int else 'a string'}")
-    for flag, (name, value) in _FLAG_SETS.items():
+    for flag, (name, value) in opts.flag_sets.items():
         if flag != name and flag in d:
             if d.pop(flag):
                 d[name] = value
@@ -162,12 +177,14 @@ def ensure_default_data(data: str, say=print) -> None:
     prepare(data=None, out_dir=data)
 
 
-def _train_preflight(args, world, say):
-    """The config to train with, checked (no data read, nothing written)."""
+def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section="train"):
+    """The config to train with (a ``cls``, TrainConfig by default), checked (no data read,
+    nothing written)."""
     from .config import TrainConfig
     from .run_folder import check_out, run_train_config
-    given = _train_options(args)
-    cfg = TrainConfig.from_dict(given)
+    cls = cls or TrainConfig
+    given = _train_options(args, opts, section)
+    cfg = cls.from_dict(given)
     cfg.validate()
     check_out(cfg)                  # before preparing anything: the run in --out is safe
     saved = run_train_config(cfg.out) if cfg.resume else None
@@ -185,7 +202,7 @@ def _train_preflight(args, world, say):
             given["zero"] = 0
         if "data" in given and os.path.abspath(given["data"]) == saved.get("data"):
             given["data"] = saved["data"]
-        cfg, changed = TrainConfig.for_resume(saved, given)
+        cfg, changed = cls.for_resume(saved, given)
         cfg.validate()
         if changed:
             say("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
@@ -224,6 +241,59 @@ def cmd_train(args) -> int:
           f"{'none' if best == float('inf') else f'{best:.4f}'} "
           f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
           f"loss.png in {summary['out']}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from nn.checkpoint import CheckpointError
+
+    from .align.sft import sft
+    from .config import SFTConfig
+    from .data.errors import DataError
+    from .distributed import agree_on_errors, mpi_world
+    from .model import ConfigError
+    from .run_folder import TrainingError
+    world = mpi_world()
+    main_rank = world is None or world.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    cfg, err = None, None
+    try:
+        cfg = _train_preflight(args, world, say, SFTConfig, SFT, "sft")
+    except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
+        err = e
+    agree_on_errors(world, err)
+    summary = sft(cfg, say)
+    if summary["interrupted"]:
+        return 143 if summary["interrupted"] == "SIGTERM" else 130
+    say(f"\ndone: step {summary['step']}; checkpoint, log.jsonl and loss.png in "
+        f"{summary['out']}; talk to it: tensorlite-gpt chat --out {summary['out']}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import math
+
+    from .align.chat import chat_loop
+    from .align.template import ChatTokenizer
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1),
+                        ("--top-k", args.top_k, 1), ("--seed", args.seed, 0)):
+        if v is not None and v < lo:
+            raise UsageError(f"{name} must be >= {lo}, got {v}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty; give a message, or leave --prompt out to chat")
+    model, tok, _ = _load_run(args.out, args.which, args.device)
+    if not isinstance(tok, ChatTokenizer):
+        raise UsageError(f"{args.out} holds a pretrained model without the chat template (it "
+                         f"was not fine-tuned): run tensorlite-gpt sft --base {args.out} first, "
+                         f"or continue text with tensorlite-gpt sample --out {args.out}")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed)
+    chat_loop(model, tok, args.system, args.max_new_tokens, sampling, prompt=args.prompt)
     return 0
 
 
@@ -323,7 +393,7 @@ def cmd_eval(args) -> int:
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval}")
+    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,sft,chat}")
 
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():
@@ -342,15 +412,33 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", help="TOML file with options (a [train] table or top level)")
     pt.set_defaults(func=cmd_train)
 
+    pf = sub.add_parser("sft", help="fine-tune a trained run to answer in the chat template "
+                                    "(no arguments: runs/gpt on the embedded docstring -> "
+                                    "function-body set)")
+    SFT.add_to(pf)
+    pf.add_argument("--config", help="TOML file with options (an [sft] table or top level)")
+    pf.set_defaults(func=cmd_sft)
+
     for name, helptext in (("sample", "generate text from a trained run, streamed"),
-                           ("eval", "validation loss of a trained run")):
+                           ("eval", "validation loss of a trained run"),
+                           ("chat", "talk to a fine-tuned run (tensorlite-gpt sft), streamed")):
         ps = sub.add_parser(name, help=helptext)
-        ps.add_argument("--out", default="runs/gpt", help="run folder (default runs/gpt)")
+        out = "runs/sft" if name == "chat" else "runs/gpt"
+        ps.add_argument("--out", default=out, help=f"run folder (default {out})")
         ps.add_argument("--which", default=None, choices=["best", "latest"],
                         help="checkpoint to load (default best, or latest when the run has no "
                              "best yet; a damaged one falls back to the other with a warning)")
         ps.add_argument("--device", default="cpu")
-        if name == "sample":
+        if name == "chat":
+            ps.add_argument("--prompt", default=None, help="one message: answer it and exit")
+            ps.add_argument("--system", default=None, help="a system message first")
+            ps.add_argument("--max-new-tokens", type=int, default=200)
+            ps.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+            ps.add_argument("--top-k", type=int, default=None)
+            ps.add_argument("--top-p", type=float, default=None)
+            ps.add_argument("--seed", type=int, default=None)
+            ps.set_defaults(func=cmd_chat)
+        elif name == "sample":
             ps.add_argument("--prompt", default=None, help="text to continue")
             ps.add_argument("--max-new-tokens", type=int, default=200)
             ps.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

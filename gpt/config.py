@@ -152,9 +152,9 @@ class TrainConfig:
         return cls.from_dict({**base, **given, "resume": True}), changed
 
     # -- checking one ----------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, model: bool = True) -> None:
         """Every value in range, before anything is read or written (the CLI prints the
-        ConfigError as one line)."""
+        ConfigError as one line). ``model``: also the layout against the model's shape."""
         ints = dict(batch_size=1, grad_accum=1, max_steps=1, eval_interval=1, eval_steps=1,
                     log_interval=1, ckpt_interval=1, samples=0, sample_tokens=0, seed=0)
         for k, lo in ints.items():
@@ -201,6 +201,15 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
                               "use --device cpu")
         self.parallel.validate()
+        if self.batch_size % self.parallel.dp:
+            raise ConfigError(f"--batch-size {self.batch_size} is the global micro-batch, split "
+                              f"over --dp {self.parallel.dp} ranks: pick a multiple of "
+                              f"{self.parallel.dp}")
+        if model:
+            self.validate_layout()
+
+    def validate_layout(self) -> None:
+        """The parallel layout against the model's shape."""
         if self.parallel.pp > self.model.n_layer:
             raise ConfigError(f"--pp {self.parallel.pp} stages need at least as many blocks; "
                               f"--n-layer is {self.model.n_layer}")
@@ -208,10 +217,42 @@ class TrainConfig:
         if self.model.n_head % tp or (4 * self.model.d_model) % tp:
             raise ConfigError(f"--tp {tp} must divide --n-head {self.model.n_head} and the MLP "
                               f"width 4 x {self.model.d_model} (each rank holds whole heads)")
-        if self.batch_size % self.parallel.dp:
-            raise ConfigError(f"--batch-size {self.batch_size} is the global micro-batch, split "
-                              f"over --dp {self.parallel.dp} ranks: pick a multiple of "
-                              f"{self.parallel.dp}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """`tensorlite-gpt sft`: the trainer's options (a fine-tuning's defaults), the base run,
+    and the data. The architecture is the base run's (only --dropout may change)."""
+    base: str = option("runs/gpt", "the pretrained run to start from (the --out of "
+                                    "tensorlite-gpt train)")
+    data: str | None = option(None, "JSONL of {\"prompt\", \"response\"} or {\"messages\": "
+                                    "[{\"role\", \"content\"}]} lines", default_text="the "
+                              "embedded set: stdlib docstrings -> function bodies")
+    out: str = option("runs/sft", "run folder for checkpoints, log.jsonl, loss.png")
+    pack: bool = option(False, "pack whole conversations into rows instead of one per row")
+    strict: bool = option(False, "stop at the first malformed JSONL line instead of skipping it")
+    max_chars: int = option(400, "embedded set: the longest function kept (prompt + body, in "
+                                 "characters)")
+    heldout_percent: int = option(10, "held out for evaluation: this percent of the source "
+                                      "files (embedded set) or of the lines (--data)")
+    max_steps: int = option(300, "optimizer steps")
+    lr: float = option(5e-4, "peak learning rate")
+    min_lr: float = option(5e-5, "final learning rate of the cosine decay")
+    eval_interval: int = option(50, "steps between evaluations")
+    samples: int = option(3, "held-out docstrings shown at the end with the base model's and "
+                             "the tuned model's completions")
+    sample_tokens: int = option(100, "tokens per completion")
+
+    def validate(self, model: bool = False) -> None:
+        """As TrainConfig's; the layout is checked against the model once the base run's
+        shape is known (``model=True``)."""
+        super().validate(model)
+        if not isinstance(self.max_chars, int) or isinstance(self.max_chars, bool) or \
+                self.max_chars < 20:
+            raise ConfigError(f"--max-chars must be an integer >= 20, got {self.max_chars!r}")
+        if not isinstance(self.heldout_percent, int) or not 1 <= self.heldout_percent <= 50:
+            raise ConfigError(f"--heldout-percent must be an integer in 1..50, got "
+                              f"{self.heldout_percent!r}")
 
 
 def _flat(saved: dict) -> dict:
@@ -274,6 +315,13 @@ def train_specs() -> list[Spec]:
                 f"{PRESETS['tiny'][s.name]})")
         model.append(s)
     return specs(TrainConfig) + model + specs(ParallelConfig)
+
+
+def sft_specs() -> list[Spec]:
+    """Every option of `tensorlite-gpt sft`: the trainer's (without --preset: the model is
+    the base run's), --dropout, then the parallel layout's."""
+    dropout = [s for s in specs(GPTConfig) if s.name == "dropout"]
+    return [s for s in specs(SFTConfig) if s.name != "preset"] + dropout + specs(ParallelConfig)
 
 
 def cli_name(name: str) -> str:

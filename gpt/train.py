@@ -355,7 +355,8 @@ class Trainer:
         return {"step": self.step, "best_val": self.best_val,
                 "loader": self.train_loader.state_dict(),
                 "rng": tl.default_generator.get_state(),
-                "train_config": {**asdict(self.cfg), "data": os.path.abspath(self.cfg.data),
+                "train_config": {**asdict(self.cfg), "data": self.cfg.data and
+                                 os.path.abspath(self.cfg.data),
                                  "model": self.model_cfg.to_dict()},
                 "data_meta": self.meta}
 
