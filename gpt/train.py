@@ -523,7 +523,8 @@ class Trainer:
             x = np.concatenate([b[0] for b in batches])
             y = np.concatenate([b[1] for b in batches])
             return self.pipe.forward_backward(tl.tensor(x, device=cfg.device),
-                                              tl.tensor(y, device=cfg.device))
+                                              tl.tensor(y, device=cfg.device),
+                                              self._micro_weights(batches))
         weights = self._micro_weights(batches)
         total = 0.0
         for i, (batch, w) in enumerate(zip(batches, weights)):

@@ -189,13 +189,18 @@ class PipelineExecutor:
                 f"{self.num_stages}, {self.num_micro_batches} micro-batches)")
 
     # -- one step ------------------------------------------------------------------------------
-    def forward_backward(self, inputs=None, targets=None) -> float:
+    def forward_backward(self, inputs=None, targets=None, weights=None) -> float:
         """Run the schedule on the global batch: ``inputs`` (B, ...) are read on the first
         stage and ``targets`` (B, ...) on the last (other stages may pass None). Gradients
         accumulate into this stage's parameters' ``.grad``, as a backward does; the tied
-        weights' are summed between the first and last stage. Returns the mean loss over the
-        global batch, on every stage."""
+        weights' are summed between the first and last stage. Returns the step's loss, on
+        every stage: the mean over the micro-batches of each one's loss, or with ``weights``
+        (one number per micro-batch, read on the last stage) their weighted sum (a
+        fine-tuning weights each micro-batch by its share of the tokens that count)."""
         m = self.num_micro_batches
+        if weights is not None and len(weights) != m:
+            raise ValueError(f"pipeline: {len(weights)} weights for {m} micro-batches")
+        self._weights = [1.0 / m] * m if weights is None else [float(w) for w in weights]
         self._inputs = self._split("inputs", inputs) if self.module.is_first else None
         self._targets = self._split("targets", targets) if self.module.is_last else None
         self._x, self._out, self._grad_out, self._grad_in = {}, {}, {}, {}
@@ -257,7 +262,7 @@ class PipelineExecutor:
         x = self._x[i]
         out = self.module(x, self._targets[i] if self.module.is_last else None)
         if self.module.is_last:
-            self._loss += out.item() / self.num_micro_batches
+            self._loss += out.item() * self._weights[i]
         if self.module.is_first:
             del self._x[i]                         # token ids: nothing to send back
         self._out[i] = out
@@ -288,7 +293,7 @@ class PipelineExecutor:
     def _backward(self, i):
         out = self._out.pop(i)
         if self.module.is_last:
-            (out / self.num_micro_batches).backward()      # d(mean over micro-batches)
+            (out * self._weights[i]).backward()    # d(the weighted sum over micro-batches)
         else:
             out.backward(self._grad_out.pop(i))
         del out
