@@ -1,4 +1,4 @@
-"""tensorlite-gpt: prepare | train | sample | eval | sft | chat.
+"""tensorlite-gpt: prepare | train | sample | eval | sft | chat | dpo.
 
 A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_DATA, sft_specs, train_specs
+from .config import DEFAULT_DATA, dpo_specs, sft_specs, train_specs
 
 
 class Options:
@@ -34,6 +34,7 @@ class Options:
 
 TRAIN = Options(train_specs())
 SFT = Options(sft_specs())
+DPO = Options(dpo_specs())
 TRAIN_OPTIONS, TRAIN_FLAGS = TRAIN.options, TRAIN.flags
 
 
@@ -66,11 +67,11 @@ def _merge(args, fields: dict, flags: dict, section: str) -> dict:
     if getattr(args, "config", None):
         d = _load_toml(args.config)
         tables = sorted(k for k, v in d.items() if isinstance(v, dict))
-        unknown_tables = [t for t in tables if t not in ("train", "prepare", "sft")]
+        unknown_tables = [t for t in tables if t not in ("train", "prepare", "sft", "dpo")]
         if unknown_tables:
             raise UsageError(f"config file {args.config}: unknown table(s) "
                              f"{['[' + t + ']' for t in unknown_tables]}; use [train], "
-                             "[prepare] or [sft] (or top-level keys)")
+                             "[prepare], [sft] or [dpo] (or top-level keys)")
         d = {**{k: v for k, v in d.items() if not isinstance(v, dict)}, **d.get(section, {})}
         known = set(fields) | set(flags)
         unknown = sorted(set(d) - known)
@@ -244,11 +245,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
+def cmd_sft(args, dpo: bool = False) -> int:
     from nn.checkpoint import CheckpointError
 
-    from .align.sft import sft
-    from .config import SFTConfig
+    from .config import DPOConfig, SFTConfig
     from .data.errors import DataError
     from .distributed import agree_on_errors, mpi_world
     from .model import ConfigError
@@ -258,16 +258,25 @@ def cmd_sft(args) -> int:
     say = print if main_rank else (lambda *a, **k: None)
     cfg, err = None, None
     try:
-        cfg = _train_preflight(args, world, say, SFTConfig, SFT, "sft")
+        cfg = (_train_preflight(args, world, say, DPOConfig, DPO, "dpo") if dpo else
+               _train_preflight(args, world, say, SFTConfig, SFT, "sft"))
     except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:
         err = e
     agree_on_errors(world, err)
-    summary = sft(cfg, say)
+    if dpo:
+        from .align.dpo import dpo as run
+    else:
+        from .align.sft import sft as run
+    summary = run(cfg, say)
     if summary["interrupted"]:
         return 143 if summary["interrupted"] == "SIGTERM" else 130
     say(f"\ndone: step {summary['step']}; checkpoint, log.jsonl and loss.png in "
         f"{summary['out']}; talk to it: tensorlite-gpt chat --out {summary['out']}")
     return 0
+
+
+def cmd_dpo(args) -> int:
+    return cmd_sft(args, dpo=True)
 
 
 def cmd_chat(args) -> int:
@@ -393,7 +402,7 @@ def cmd_eval(args) -> int:
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,sft,chat}")
+    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,sft,chat,dpo}")
 
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():
@@ -418,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     SFT.add_to(pf)
     pf.add_argument("--config", help="TOML file with options (an [sft] table or top level)")
     pf.set_defaults(func=cmd_sft)
+
+    pd = sub.add_parser("dpo", help="preference-tune a fine-tuned run with DPO (no arguments: "
+                                    "runs/sft on the embedded preference set)")
+    DPO.add_to(pd)
+    pd.add_argument("--config", help="TOML file with options (a [dpo] table or top level)")
+    pd.set_defaults(func=cmd_dpo)
 
     for name, helptext in (("sample", "generate text from a trained run, streamed"),
                            ("eval", "validation loss of a trained run"),

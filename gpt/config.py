@@ -255,6 +255,36 @@ class SFTConfig(TrainConfig):
                               f"{self.heldout_percent!r}")
 
 
+@dataclass
+class DPOConfig(SFTConfig):
+    """`tensorlite-gpt dpo`: SFT's options with preference pairs, ``beta``, and the SFT run as
+    the base (the policy's start and the frozen reference)."""
+    base: str = option("runs/sft", "the fine-tuned run to start from, also the frozen "
+                                    "reference (the --out of tensorlite-gpt sft)")
+    data: str | None = option(None, "JSONL of {\"prompt\", \"chosen\", \"rejected\"} lines",
+                              default_text="the embedded set: stdlib docstrings -> the true "
+                              "body (chosen) vs another function's or one with a statement "
+                              "dropped (rejected)")
+    out: str = option("runs/dpo", "run folder for checkpoints, log.jsonl, loss.png")
+    beta: float = option(0.1, "DPO's beta: how far the policy may move from the reference "
+                              "(the implicit reward is beta x the log-probability ratio)")
+    max_steps: int = option(200, "optimizer steps")
+    lr: float = option(1e-4, "peak learning rate")
+    min_lr: float = option(1e-5, "final learning rate of the cosine decay")
+    samples: int = option(0, "unused by dpo", cli=False)
+
+    def validate(self, model: bool = False) -> None:
+        super().validate(model)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or \
+                not math.isfinite(self.beta) or self.beta <= 0:
+            raise ConfigError(f"--beta must be a finite number > 0, got {self.beta!r}")
+        if self.parallel.tp > 1 or self.parallel.pp > 1:
+            raise ConfigError("dpo runs in one process or data-parallel (--dp N, with --zero 1 "
+                              "if you like): its per-answer log-probabilities need the whole "
+                              "vocabulary's logits on each rank, so --tp and --pp are not "
+                              "offered")
+
+
 def _flat(saved: dict) -> dict:
     """A saved train_config (nested, or flat as written before the model config was nested)
     as one flat dict of option values."""
@@ -322,6 +352,12 @@ def sft_specs() -> list[Spec]:
     the base run's), --dropout, then the parallel layout's."""
     dropout = [s for s in specs(GPTConfig) if s.name == "dropout"]
     return [s for s in specs(SFTConfig) if s.name != "preset"] + dropout + specs(ParallelConfig)
+
+
+def dpo_specs() -> list[Spec]:
+    """Every option of `tensorlite-gpt dpo`: SFT's, less --pack (a pair is two rows)."""
+    return [s for s in specs(DPOConfig) if s.name not in ("preset", "pack")] + \
+        [s for s in specs(GPTConfig) if s.name == "dropout"] + specs(ParallelConfig)
 
 
 def cli_name(name: str) -> str:

@@ -331,6 +331,16 @@ class Trainer:
     def _val_loss(self) -> float:
         return evaluate(self.model, self.val_loader, self.eval_steps)
 
+    loss_is_ce = True           # a cross-entropy (its perplexity is shown)
+
+    def _val_extra(self) -> dict:
+        """More numbers of the last evaluation, logged and printed (name -> value)."""
+        return {}
+
+    def _log_extra(self) -> dict:
+        """More numbers of the last step for the log record (collective: every rank)."""
+        return {}
+
     def _save_tokenizer(self) -> None:
         from .data.tokenizer import tokenizer_filename
         tok_file = self.out / tokenizer_filename(self.tokenizer.kind)
@@ -672,6 +682,7 @@ class Trainer:
                     window_tokens += tokens_per_step
                     lr = self.opt.param_groups[0]["lr"]
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                        more = self._log_extra()
                         now = time.perf_counter()
                         tps = window_tokens / max(now - t_last, 1e-9)
                         mfu, capped = peak.mfu(tps * self.flops_per_token)
@@ -679,7 +690,7 @@ class Trainer:
                         if math.isfinite(loss):
                             rec = {"step": self.step, "loss": round(loss, 6), "lr": lr,
                                    "grad_norm": round(norm, 5), "tokens_per_s": round(tps, 1),
-                                   "mfu": round(mfu, 4)}
+                                   "mfu": round(mfu, 4), **more}
                             log.write({**rec, "mfu_capped": True} if capped else rec)
                         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
                                         mfu=f"{100 * mfu:.0f}%")
@@ -748,8 +759,10 @@ class Trainer:
         if self.pipe is not None:        # every rank evaluates the whole, current model
             self._sync_pipeline()
         val = self._val_loss()
+        extra = self._val_extra()
         log.write({"step": self.step, "val_loss": round(val, 6),
-                   "val_ppl": round(math.exp(min(val, 50)), 3)})
+                   **({"val_ppl": round(math.exp(min(val, 50)), 3)} if self.loss_is_ce else {}),
+                   **extra})
         if not math.isfinite(val):
             return val
         if val < self.best_val:
@@ -759,8 +772,11 @@ class Trainer:
             with writing(self.out / "loss.png"):
                 plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline,
                             self.baseline_label)
-        self.say(f"step {self.step}: validation loss {val:.4f} (perplexity "
-                 f"{math.exp(min(val, 50)):.1f}; {self.baseline_label} {self.baseline:.3f})")
+        ppl = f"perplexity {math.exp(min(val, 50)):.1f}; " if self.loss_is_ce else ""
+        more = "".join(f", {k.replace('val_', '').replace('_', ' ')} {v:.4g}"
+                       for k, v in extra.items())
+        self.say(f"step {self.step}: validation loss {val:.4f}{more} ({ppl}"
+                 f"{self.baseline_label} {self.baseline:.3f})")
         return val
 
     def sample(self, n: int, max_new_tokens: int, temperature=0.8, top_k=None, seed=0) -> list:

@@ -34,8 +34,8 @@ def _unary(name):
     return f
 
 
-exp, log, sqrt, tanh, sigmoid, relu, abs = (_unary(n) for n in
-                                            ("exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs"))
+exp, log, sqrt, tanh, sigmoid, relu, abs, log_sigmoid = (_unary(n) for n in (
+    "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "log_sigmoid"))
 sum, mean, max, min, var, std = (_unary(n) for n in ("sum", "mean", "max", "min", "var", "std"))
 neg = _unary("__neg__")
 

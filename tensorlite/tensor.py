@@ -460,6 +460,7 @@ class Tensor:
     def sqrt(self): return _ew.Sqrt.apply(self)
     def tanh(self): return _ew.Tanh.apply(self)
     def sigmoid(self): return _ew.Sigmoid.apply(self)
+    def log_sigmoid(self): return _ew.LogSigmoid.apply(self)
     def relu(self): return _ew.Relu.apply(self)
     def abs(self): return _ew.Abs.apply(self)
     def clip(self, min=None, max=None): return _ew.clip(self, min, max)

@@ -54,6 +54,7 @@ def test_binary_broadcast(rng, shapes, name, tl_fn, np_fn, pos):
     ("sqrt", lambda x: x.sqrt(), np.sqrt, True),
     ("tanh", lambda x: x.tanh(), np.tanh, False),
     ("sigmoid", lambda x: x.sigmoid(), lambda x: 1 / (1 + np.exp(-x)), False),
+    ("log_sigmoid", lambda x: x.log_sigmoid(), lambda x: -np.logaddexp(0, -x), False),
     ("relu", lambda x: x.relu(), lambda x: np.maximum(x, 0), False),
     ("abs", lambda x: x.abs(), np.abs, False),
     ("clip", lambda x: x.clip(-0.5, 0.7), lambda x: np.clip(x, -0.5, 0.7), False),
@@ -302,3 +303,11 @@ def test_gelu_exact_float32_and_threads(rng):
     y.backward(tl.tensor(np.ones(x.shape, np.float32)))
     dref = phi + xr * np.exp(-0.5 * xr * xr) / math.sqrt(2 * math.pi)
     np.testing.assert_allclose(x.grad.numpy(), dref, rtol=1e-5, atol=1e-6)
+
+
+def test_log_sigmoid_is_finite_far_out_and_has_slope_one_half_at_zero():
+    x = tl.tensor(np.array([-1000.0, -30.0, 0.0, 30.0, 1000.0]), requires_grad=True)
+    y = x.log_sigmoid()
+    y.sum().backward()
+    assert np.allclose(y.numpy(), [-1000.0, -30.0, -np.log(2), -np.exp(-30.0), 0.0], rtol=1e-12)
+    assert np.allclose(x.grad.numpy(), [1.0, 1.0, 0.5, np.exp(-30.0) / (1 + np.exp(-30.0)), 0.0])

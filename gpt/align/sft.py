@@ -173,6 +173,10 @@ def _sha(*arrays) -> str:
     return h.hexdigest()
 
 
+def _tokenizer_meta(tok: ChatTokenizer) -> dict:
+    return {"kind": tok.kind, "chat": list(SPECIALS), "base_vocab_size": tok.base_vocab_size}
+
+
 def heldout_line(line_no: int, percent: int) -> bool:
     """--data files: whether the conversation on this line is held out (a hash of the line
     number, so the split is fixed and independent of the file's name)."""
@@ -253,6 +257,15 @@ class SFTTrainer(Trainer):
                                              dropout=cfg.model.dropout)
         cfg.model = self.model_cfg                 # saved with the run, checked on resume
         cfg.validate(model=True)                   # the layout against the base's shape
+        self.meta = self._load_data()
+        self.meta["base"] = str(Path(cfg.base).resolve())
+        check_memory(self.model_cfg, cfg)
+        self._resume_point = self._find_resume_point() if cfg.resume else None
+
+    def _load_data(self) -> dict:
+        """Read and encode the data (self.rows, self.val_rows, self.heldout); return its
+        fingerprint for the run's checkpoints (a resume checks it)."""
+        cfg, tok = self.cfg, self.tokenizer
         train, held, source = load_conversations(cfg, self.say)
         bs = self.model_cfg.block_size
         self.rows = encode_rows(tok, train, bs, cfg.pack)
@@ -264,25 +277,24 @@ class SFTTrainer(Trainer):
                                 "model with a longer block or shorter examples")
         options = {"pack": cfg.pack, "block_size": bs, "heldout_percent": cfg.heldout_percent,
                    "strict": cfg.strict}
-        self.meta = {"corpus": source, "options": options,
-                     "tokenizer": {"kind": tok.kind, "chat": list(SPECIALS),
-                                   "base_vocab_size": tok.base_vocab_size},
-                     "vocab_size": tok.vocab_size,
-                     "train": {"rows": len(self.rows[0]), "sha256": _sha(*self.rows[:2])},
-                     "val": {"rows": len(self.val_rows[0]), "sha256": _sha(*self.val_rows[:2])},
-                     "base": str(Path(cfg.base).resolve())}
-        check_memory(self.model_cfg, cfg)
-        self._resume_point = self._find_resume_point() if cfg.resume else None
+        return {"corpus": source, "options": options, "tokenizer": _tokenizer_meta(tok),
+                "vocab_size": tok.vocab_size,
+                "train": {"rows": len(self.rows[0]), "sha256": _sha(*self.rows[:2])},
+                "val": {"rows": len(self.val_rows[0]), "sha256": _sha(*self.val_rows[:2])}}
 
-    def _init_weights(self) -> None:
-        if self.cfg.resume and self._resume_point is not None:
-            return                                  # the checkpoint's weights come next
+    def _base_weights(self) -> dict:
+        """The base run's state_dict (grown by the chat tokens when it had none)."""
         base = ckpt.load_checkpoint(self.base_ckpt)
         model = GPT(GPTConfig.from_dict(base["config"])).to(self.cfg.device, self.cfg.dtype)
         ckpt.load_checkpoint(self.base_ckpt, model=model)
         state = {k: v.data for k, v in model.state_dict().items()}
+        return grow_vocab(state, *self._grown) if self._grown else state
+
+    def _init_weights(self) -> None:
+        if self.cfg.resume and self._resume_point is not None:
+            return                                  # the checkpoint's weights come next
+        state = self._base_weights()
         if self._grown:
-            state = grow_vocab(state, *self._grown)
             old, new = self._grown
             self.say(f"note: the base tokenizer has no chat tokens: added {', '.join(SPECIALS)} "
                      f"as ids {old}..{new - 1}; the token embedding (and the tied head) grow "

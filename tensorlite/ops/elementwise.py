@@ -248,6 +248,20 @@ class Sigmoid(Function):
         return g * self.out * (1 - self.out)
 
 
+class LogSigmoid(Function):
+    """log(sigmoid(x)) = -log(1 + exp(-x)), without overflow or log(0) at any x:
+    -(max(-x, 0) + log1p(exp(-|x|))). Its derivative is sigmoid(-x), 1/2 at x = 0 (a
+    composition of relu and abs would give 0 there: their subgradients at 0 are 0)."""
+
+    def forward(self, x):
+        xp = backend.xp_of(x)
+        self.x = x
+        return -(xp.maximum(-x, 0) + xp.log1p(xp.exp(-xp.abs(x))))
+
+    def backward(self, g):
+        return g * (0.5 - 0.5 * backend.xp_of(self.x).tanh(0.5 * self.x))   # sigmoid(-x)
+
+
 class Relu(Function):
     def forward(self, x):
         self.mask = x > 0
