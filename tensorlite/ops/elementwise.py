@@ -259,7 +259,9 @@ class LogSigmoid(Function):
         return -(xp.maximum(-x, 0) + xp.log1p(xp.exp(-xp.abs(x))))
 
     def backward(self, g):
-        return g * (0.5 - 0.5 * backend.xp_of(self.x).tanh(0.5 * self.x))   # sigmoid(-x)
+        # sigmoid(-x) = exp(min(-x, 0)) / (1 + exp(-|x|)): no cancellation where it is tiny
+        xp, x = backend.xp_of(self.x), self.x
+        return g * (xp.exp(xp.minimum(-x, 0)) / (1 + xp.exp(-xp.abs(x))))
 
 
 class Relu(Function):
