@@ -387,7 +387,12 @@ def cmd_eval(args) -> int:
         if v is not None and v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
     model, _, meta = _load_run(args.out, args.which, args.device)
-    data = args.data or meta["extra"]["train_config"]["data"]
+    run_cfg = meta["extra"]["train_config"]
+    data = args.data or run_cfg["data"]
+    if not args.data and "base" in run_cfg:
+        raise UsageError(f"{args.out} is a fine-tuned run (sft or dpo) with no prepared data of "
+                         "its own: its held-out loss is in its log.jsonl; pass --data "
+                         "PREPARED_FOLDER to evaluate it on pretraining data")
     _, _, _, val_path = load_prepared(data)
     loader = BatchLoader(val_path, args.batch_size, model.config.block_size, mode="sequential")
     steps = loader.steps_per_epoch if args.eval_steps is None else min(args.eval_steps,

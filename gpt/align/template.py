@@ -30,8 +30,9 @@ from gpt.data.errors import DataError
 from gpt.data.shards import atomic_write_text
 from gpt.data.tokenizer import Tokenizer
 
-SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-ROLES = ("system", "user", "assistant")
+from .data import ROLES
+
+SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")   # one per role in ROLES, + end
 TEMPLATE_FILE = "chat_template.json"
 _FORMAT = "tensorlite-chat-template"
 
