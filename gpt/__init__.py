@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from .train import train  # noqa: E402  (the function, not the module)
+from .train import train  # noqa: F401  (the function, not the module)
 
 _NAMES = {
     "GPT": "gpt.model", "GPTConfig": "gpt.model", "PRESETS": "gpt.model",

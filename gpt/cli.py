@@ -280,19 +280,9 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    import math
-
     from .align.chat import chat_loop
     from .align.template import ChatTokenizer
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
-                         f"{args.temperature}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1),
-                        ("--top-k", args.top_k, 1), ("--seed", args.seed, 0)):
-        if v is not None and v < lo:
-            raise UsageError(f"{name} must be >= {lo}, got {v}")
+    _check_sampling(args, ("--max-new-tokens", args.max_new_tokens, 1))
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; give a message, or leave --prompt out to chat")
     model, tok, _ = _load_run(args.out, args.which, args.device)
@@ -327,6 +317,20 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device}: {tl.cuda_unavailable_reason()}; use --device cpu")
 
 
+def _check_sampling(args, *counts) -> None:
+    """--temperature, --top-p, --top-k, --seed and the command's own ``counts`` ((option,
+    value, least allowed), ...) in range."""
+    import math
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    for name, v, lo in (*counts, ("--top-k", args.top_k, 1), ("--seed", args.seed, 0)):
+        if v is not None and v < lo:
+            raise UsageError(f"{name} must be >= {lo}, got {v}")
+
+
 def _load_run(out: str, which: str | None, device: str):
     """(model, tokenizer, meta) from a run folder written by train or sft."""
     from .run_folder import load_run
@@ -335,19 +339,9 @@ def _load_run(out: str, which: str | None, device: str):
 
 
 def cmd_sample(args) -> int:
-    import math
-
     import numpy as np
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
-                         f"{args.temperature}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    for name, v, lo in (("--num-samples", args.num_samples, 1),
-                        ("--max-new-tokens", args.max_new_tokens, 0),
-                        ("--top-k", args.top_k, 1), ("--seed", args.seed, 0)):
-        if v is not None and v < lo:
-            raise UsageError(f"{name} must be >= {lo}, got {v}")
+    _check_sampling(args, ("--num-samples", args.num_samples, 1),
+                    ("--max-new-tokens", args.max_new_tokens, 0))
     model, tok, _ = _load_run(args.out, args.which, args.device)
     prompt = args.prompt if args.prompt is not None else ""
     ids = tok.encode(prompt)

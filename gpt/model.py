@@ -44,6 +44,9 @@ class GPTConfig:
     positional: str = _opt("learned", " | ".join(POSITIONAL))
     tie_weights: bool = _opt(True, "a separate LM head instead of the token embedding's "
                                    "matrix", flag="untied")
+    # GPT-2's value and nn.LayerNorm's default, so configs saved before this field existed
+    # build the same model; a Hugging Face config.json may set another (layer_norm_epsilon)
+    layer_norm_eps: float = _opt(1e-5, "epsilon of every LayerNorm (GPT-2: 1e-5)")
     extra: dict = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self):
@@ -62,6 +65,10 @@ class GPTConfig:
                               f"{self.d_model // self.n_head}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+            raise ConfigError(f"GPTConfig: layer_norm_eps must be a number in (0, 1), got "
+                              f"{eps!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,8 +113,11 @@ class GPT(nn.Module):
             nn.TransformerBlock(c.d_model, c.n_head, 4 * c.d_model, dropout=c.dropout, bias=c.bias,
                                 norm_first=c.norm_first, activation="gelu_tanh", rotary=rotary)
             for _ in range(c.n_layer)])
+        for block in self.blocks:
+            block.ln1.eps = block.ln2.eps = c.layer_norm_eps
         # post-LN blocks already end in a norm; pre-LN needs one before the head (GPT-2)
-        self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias) if c.norm_first else nn.Identity()
+        self.ln_f = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias) \
+            if c.norm_first else nn.Identity()
         self.lm_head = None if c.tie_weights else nn.Linear(c.d_model, c.vocab_size, bias=False)
         self._init_weights()
 
@@ -124,6 +134,21 @@ class GPT(nn.Module):
                     p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
                 else:
                     p.normal_(0.0, 0.02)
+
+    # -- Hugging Face GPT-2 folders (gpt/hf.py) -------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder, device: str = "cpu", dtype=None, dropout=None) -> "GPT":
+        """The GPT-2 in a Hugging Face folder (config.json + model.safetensors; nothing is
+        downloaded), in eval mode; its tokenizer is ``gpt.hf.load_hf_tokenizer(folder)``.
+        See gpt.hf.load_pretrained."""
+        from .hf import load_pretrained
+        return load_pretrained(folder, device=device, dtype=dtype, dropout=dropout)
+
+    def save_pretrained(self, folder, tokenizer=None, overwrite: bool = False):
+        """Write this model (and ``tokenizer``) as a Hugging Face GPT-2 folder, atomically;
+        a model GPT-2 cannot express is refused with every reason. See gpt.hf.save_pretrained."""
+        from .hf import save_pretrained
+        return save_pretrained(self, folder, tokenizer=tokenizer, overwrite=overwrite)
 
     # -- sizes ------------------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -21,10 +21,8 @@ offered here.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +33,7 @@ from gpt.model import GPT
 from gpt.run_folder import TrainingError, load_tokenizer_of, pick_checkpoint
 from nn import functional as F
 
-from .sft import RowLoader, SFTTrainer, _sha, _tokenizer_meta, encode_rows
+from .sft import RowLoader, SFTTrainer, _sha, _tokenizer_meta, encode_rows, load_examples
 from .template import ChatTokenizer
 
 
@@ -121,26 +119,9 @@ def reference_logps(model, X, Y, device: str, batch: int = 32) -> np.ndarray:
 
 def load_preferences(cfg: DPOConfig, say=print):
     """(train, held-out, description) preference pairs from --data or the embedded set."""
-    from . import data as align_data
-    from .sft import heldout_line
-    if cfg.data is None:
-        train, held = align_data.default_dpo_set(seed=cfg.seed, max_chars=cfg.max_chars,
-                                                 heldout_percent=cfg.heldout_percent)
-        return train, held, {"embedded": "stdlib docstring -> true body vs a wrong one",
-                             "max_chars": cfg.max_chars}
-    prefs, report = align_data.read_dpo_jsonl(cfg.data, strict=cfg.strict)
-    if report.skipped:
-        say(report.summary())
-    train, held = [], []
-    for p in prefs:
-        line = int(p.source.rsplit(":", 1)[1])
-        (held if heldout_line(line, cfg.heldout_percent) else train).append(p)
-    if not train or not held:
-        raise DataError(f"--data {cfg.data}: {len(prefs)} pairs give {len(train)} to train on "
-                        f"and {len(held)} held out; give more lines (or change "
-                        "--heldout-percent)")
-    digest = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
-    return train, held, {"file": str(Path(cfg.data).resolve()), "sha256": digest}
+    from . import data
+    return load_examples(cfg, data.read_dpo_jsonl, data.default_dpo_set,
+                         "stdlib docstring -> true body vs a wrong one", "pairs", say)
 
 
 # ------------------------------------------------------------------------------ the trainer

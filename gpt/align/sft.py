@@ -183,26 +183,33 @@ def heldout_line(line_no: int, percent: int) -> bool:
     return int(hashlib.sha256(str(line_no).encode()).hexdigest(), 16) % 100 < percent
 
 
-def load_conversations(cfg: SFTConfig, say=print):
-    """(train, held-out, description) conversations from --data or the embedded set."""
-    from . import data as align_data
+def load_examples(cfg, read_jsonl, default_set, embedded: str, what: str, say=print):
+    """(train, held-out, description) of the examples of --data (read_jsonl; held out by
+    line, `heldout_line`) or of the embedded set (default_set; held out by source file)."""
     if cfg.data is None:
-        train, held = align_data.default_sft_set(seed=cfg.seed, max_chars=cfg.max_chars,
-                                                 heldout_percent=cfg.heldout_percent)
-        return train, held, {"embedded": "stdlib docstring -> body", "max_chars": cfg.max_chars}
-    convs, report = align_data.read_sft_jsonl(cfg.data, strict=cfg.strict)
+        train, held = default_set(seed=cfg.seed, max_chars=cfg.max_chars,
+                                  heldout_percent=cfg.heldout_percent)
+        return train, held, {"embedded": embedded, "max_chars": cfg.max_chars}
+    items, report = read_jsonl(cfg.data, strict=cfg.strict)
     if report.skipped:
         say(report.summary())
     train, held = [], []
-    for c in convs:
-        line = int(c.source.rsplit(":", 1)[1])
-        (held if heldout_line(line, cfg.heldout_percent) else train).append(c)
+    for x in items:
+        line = int(x.source.rsplit(":", 1)[1])
+        (held if heldout_line(line, cfg.heldout_percent) else train).append(x)
     if not train or not held:
-        raise DataError(f"--data {cfg.data}: {len(convs)} conversations give {len(train)} to "
-                        f"train on and {len(held)} held out; give more lines (or change "
+        raise DataError(f"--data {cfg.data}: {len(items)} {what} give {len(train)} to train on "
+                        f"and {len(held)} held out; give more lines (or change "
                         "--heldout-percent)")
     digest = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
     return train, held, {"file": str(Path(cfg.data).resolve()), "sha256": digest}
+
+
+def load_conversations(cfg: SFTConfig, say=print):
+    """(train, held-out, description) conversations from --data or the embedded set."""
+    from . import data
+    return load_examples(cfg, data.read_sft_jsonl, data.default_sft_set,
+                         "stdlib docstring -> body", "conversations", say)
 
 
 # ------------------------------------------------------------------------------ weights
