@@ -588,7 +588,8 @@ def gpt2_incompatibilities(model) -> list[str]:
             elif ln.eps != c.layer_norm_eps:
                 eps.setdefault(ln.eps, []).append(i)
         attn = getattr(block, "attn", None)
-        if not getattr(attn, "causal", True) or getattr(attn, "rotary", None) is not None:
+        if not getattr(attn, "causal", True) or (   # rope: already said by positional
+                getattr(attn, "rotary", None) is not None and c.positional != "rope"):
             other_attn.append(i)
     for act, blocks in acts.items():
         out.append(f"MLP activation {act!r} in blocks {blocks}: GPT-2 uses GELU's tanh "
