@@ -181,7 +181,7 @@ def ensure_default_data(data: str, say=print) -> None:
 def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section="train"):
     """The config to train with (a ``cls``, TrainConfig by default), checked (no data read,
     nothing written)."""
-    from .config import TrainConfig
+    from .config import RUN_KINDS, TrainConfig, command_of, run_kind
     from .run_folder import check_out, run_train_config
     cls = cls or TrainConfig
     given = _train_options(args, opts, section)
@@ -189,6 +189,13 @@ def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section=
     cfg.validate()
     check_out(cfg)                  # before preparing anything: the run in --out is safe
     saved = run_train_config(cfg.out) if cfg.resume else None
+    if saved and run_kind(saved) != command_of(cls):
+        kind = run_kind(saved)
+        raise UsageError(f"{cfg.out} holds {RUN_KINDS[kind]}, not {RUN_KINDS[command_of(cls)]}: "
+                         f"continue it with tensorlite-gpt {kind} --out {cfg.out} --resume"
+                         + (f", or start from it with tensorlite-gpt {command_of(cls)} --base "
+                            f"{cfg.out} --out ANOTHER_FOLDER" if command_of(cls) != "train"
+                            else ""))
     if saved:
         # --resume continues the run as it was started (its data, model, schedule); options
         # given now override, and are named; the parallel layout follows the launcher
@@ -285,7 +292,7 @@ def cmd_chat(args) -> int:
     _check_sampling(args, ("--max-new-tokens", args.max_new_tokens, 1))
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; give a message, or leave --prompt out to chat")
-    model, tok, _ = _load_run(args.out, args.which, args.device)
+    model, tok, _ = _load_run(args.out, args.which, args.device, made_by="sft")
     if not isinstance(tok, ChatTokenizer):
         raise UsageError(f"{args.out} holds a pretrained model without the chat template (it "
                          f"was not fine-tuned): run tensorlite-gpt sft --base {args.out} first, "
@@ -331,11 +338,11 @@ def _check_sampling(args, *counts) -> None:
             raise UsageError(f"{name} must be >= {lo}, got {v}")
 
 
-def _load_run(out: str, which: str | None, device: str):
-    """(model, tokenizer, meta) from a run folder written by train or sft."""
+def _load_run(out: str, which: str | None, device: str, made_by: str = "train"):
+    """(model, tokenizer, meta) from a run folder written by train, sft or dpo."""
     from .run_folder import load_run
     _check_device(device)
-    return load_run(out, which, device, lambda m: print(m, file=sys.stderr))
+    return load_run(out, which, device, lambda m: print(m, file=sys.stderr), made_by=made_by)
 
 
 def cmd_sample(args) -> int:

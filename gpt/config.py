@@ -250,6 +250,10 @@ class SFTConfig(TrainConfig):
         if not isinstance(self.max_chars, int) or isinstance(self.max_chars, bool) or \
                 self.max_chars < 20:
             raise ConfigError(f"--max-chars must be an integer >= 20, got {self.max_chars!r}")
+        import os
+        if os.path.realpath(self.out) == os.path.realpath(self.base):
+            raise ConfigError(f"--out {self.out} is the --base run: fine-tuning into it would "
+                              "replace the model it starts from; choose another --out")
         if not isinstance(self.heldout_percent, int) or not 1 <= self.heldout_percent <= 50:
             raise ConfigError(f"--heldout-percent must be an integer in 1..50, got "
                               f"{self.heldout_percent!r}")
@@ -283,6 +287,21 @@ class DPOConfig(SFTConfig):
                               "if you like): its per-answer log-probabilities need the whole "
                               "vocabulary's logits on each rank, so --tp and --pp are not "
                               "offered")
+
+
+RUN_KINDS = {"train": "a pretraining run (tensorlite-gpt train)",
+             "sft": "a fine-tuning run (tensorlite-gpt sft)",
+             "dpo": "a preference-tuning run (tensorlite-gpt dpo)"}
+
+
+def command_of(cls) -> str:
+    """The command a config class belongs to."""
+    return {"DPOConfig": "dpo", "SFTConfig": "sft"}.get(cls.__name__, "train")
+
+
+def run_kind(saved: dict) -> str:
+    """Which command trained a run, from its saved train_config."""
+    return "dpo" if "beta" in saved else "sft" if "base" in saved else "train"
 
 
 def _flat(saved: dict) -> dict:

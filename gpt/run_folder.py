@@ -186,7 +186,7 @@ def writing(path):
 
 # ------------------------------------------------------------------------------ reading a run
 def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
-                    what: str = "--out") -> Path:
+                    what: str = "--out", made_by: str = "train") -> Path:
     """The checkpoint folder of the run in ``out`` to load: ``which`` (best | latest), or
     best (else latest) by default; a damaged one is skipped for the other with a warning."""
     out = Path(out)
@@ -210,12 +210,12 @@ def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
         raise TrainingError(" ".join(damaged))
     if not out.exists():
         raise TrainingError(f"{what} {out} does not exist: pass the folder of a run "
-                            "(the --out of tensorlite-gpt train)")
+                            f"(the --out of tensorlite-gpt {made_by})")
     if (out / "meta.json").is_file() and (out / "train.bin").exists():
         raise TrainingError(f"{what} {out} is a prepared data folder, not a run: pass the "
                             "--out of a training run")
     raise TrainingError(f"no checkpoint at {root}: {what} must be a trained run (train first: "
-                        f"tensorlite-gpt train --out {out})")
+                        f"tensorlite-gpt {made_by} --out {out})")
 
 
 def load_tokenizer_of(out: str | os.PathLike):
@@ -228,11 +228,11 @@ def load_tokenizer_of(out: str | os.PathLike):
 
 
 def load_run(out: str | os.PathLike, which: str | None = None, device: str = "cpu",
-             say=print, what: str = "--out"):
+             say=print, what: str = "--out", made_by: str = "train"):
     """(model, tokenizer, meta) of the run in ``out``: its checkpoint (see pick_checkpoint)
     into a GPT on ``device``, and its tokenizer."""
     from .model import GPT, GPTConfig
-    path = pick_checkpoint(out, which, say, what)
+    path = pick_checkpoint(out, which, say, what, made_by)
     meta = ckpt.load_checkpoint(path)
     model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
     ckpt.load_checkpoint(path, model=model)

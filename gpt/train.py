@@ -511,6 +511,10 @@ class Trainer:
         differ = [k for k in keys if saved.get(k) != self.meta.get(k)]
         if differ:
             was = (extra.get("train_config") or {}).get("data")
+            if was and self.cfg.data and os.path.abspath(self.cfg.data) == was:
+                raise ConfigError(f"--resume: the data in {was} changed since the run in "
+                                  f"{self.out} started (its {', '.join(differ)} differ); "
+                                  "restore it, or train on it into another --out")
             raise ConfigError(f"--resume: the run in {self.out} was trained on the data prepared "
                               f"in {was}, but --data {self.cfg.data} holds other data (its "
                               f"{', '.join(differ)} differ); pass --data {was}, or train into "

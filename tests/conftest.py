@@ -5,8 +5,8 @@ import pytest
 
 import tensorlite as tl
 
-# keep BLAS to the machine's 2 cores and hypothesis quick on CI
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# hypothesis quick on CI (BLAS threads: tensorlite.cpu sizes them; an OMP_NUM_THREADS set
+# here would pass to every subprocess and make mpiexec ranks oversubscribe the cores)
 
 try:
     from hypothesis import settings

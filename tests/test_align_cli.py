@@ -502,13 +502,10 @@ def test_resume_on_a_changed_data_file_is_refused_and_touches_nothing(base, tmp_
     before = _tree_state(out)
     rc = main([*args, "--resume"])
     line = _one_error_line(capsys.readouterr().err)
-    assert rc == 2 and "--resume" in line and "holds other data" in line
+    assert rc == 2 and "--resume" in line and "changed since the run" in line
     assert _tree_state(out) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the refusal of a --resume on an edited --data "
-                   "file advises 'pass --data FILE', the very file it refused; it should say "
-                   "the file changed since the run started")
 def test_resume_on_a_changed_data_file_does_not_advise_the_same_file(base, tmp_path, capsys):
     args, f, _ = _killed_run_on_a_file_then_edited(base, tmp_path)
     rc = main([*args, "--resume"])
@@ -516,9 +513,6 @@ def test_resume_on_a_changed_data_file_does_not_advise_the_same_file(base, tmp_p
     assert rc == 2 and f"pass --data {f}" not in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sft --base B --out B --overwrite deletes the "
-                   "pretrained run B (its checkpoints and log) and fine-tunes into it; the "
-                   "'base model' completions of samples.json then come from the tuned model")
 def test_sft_never_overwrites_its_own_base(base, functions_file, tmp_path, capsys):
     run = tmp_path / "base"
     shutil.copytree(base, run)
@@ -531,10 +525,6 @@ def test_sft_never_overwrites_its_own_base(base, functions_file, tmp_path, capsy
     assert _tree_state(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: sft --out B (a pretraining run) is refused with "
-                   "'pass --resume to continue it', but sft --resume on it then fails with "
-                   "\"SFT data path '<B's prepared data>' is a directory\": it should say B is a "
-                   "pretraining run (tensorlite-gpt train), not a fine-tuning one")
 def test_sft_resume_on_a_pretraining_run_says_what_it_is(base, tmp_path, capsys):
     run = tmp_path / "base"
     shutil.copytree(base, run)
