@@ -59,7 +59,6 @@ complete, so a crash never leaves a half-written folder that looks valid.
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import shutil
@@ -87,7 +86,7 @@ _SECTION_FORMAT = "tensorlite-hf-export"
 _TMP_PREFIX = ".tmp-"
 _EXTRA_HINT = 'pip install -e ".[hf]" (or pip install "tokenizers>=0.15")'
 _DOWNLOAD_HINT = ("hf download gpt2 config.json model.safetensors tokenizer.json --local-dir "
-                  "DIR (huggingface_hub; `huggingface-cli download ...` in versions before 1.0)")
+                  "DIR (huggingface_hub; older versions: huggingface-cli download ...)")
 
 
 class HFError(CheckpointError):
@@ -735,7 +734,7 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
     hf = config_to_hf(c, tokenizer, dtype)
     config_text = json.dumps(hf, indent=2, allow_nan=False) + "\n"
 
-    parent = target.resolve().parent
+    parent = Path(os.path.abspath(target)).parent     # beside the target: renames stay in one folder
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}"
     old = None
@@ -762,7 +761,10 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
             old = None
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
