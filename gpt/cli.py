@@ -1,4 +1,4 @@
-"""tensorlite-gpt: prepare | train | sample | eval | sft | chat | dpo.
+"""tensorlite-gpt: prepare | train | sample | eval | sft | chat | dpo | export.
 
 A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
@@ -282,6 +282,16 @@ def cmd_sft(args, dpo: bool = False) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hf import export_run
+    folder = export_run(args.out, args.to, args.which, overwrite=args.overwrite,
+                        say=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {folder} (config.json, model.safetensors and the tokenizer, the Hugging Face "
+          f"GPT-2 layout); load it with GPT.from_pretrained({str(folder)!r}) or pass it as --out "
+          "to sample, eval and chat, or as --base to sft")
+    return 0
+
+
 def cmd_dpo(args) -> int:
     return cmd_sft(args, dpo=True)
 
@@ -389,12 +399,19 @@ def cmd_eval(args) -> int:
             raise UsageError(f"{name} must be >= 1, got {v}")
     model, _, meta = _load_run(args.out, args.which, args.device)
     run_cfg = meta["extra"]["train_config"]
-    data = args.data or run_cfg["data"]
+    data = args.data or run_cfg.get("data")
+    if not args.data and not run_cfg:
+        raise UsageError(f"{args.out} is a Hugging Face model folder, with no data of its own: "
+                         "pass --data PREPARED_FOLDER (tensorlite-gpt prepare) to evaluate it")
     if not args.data and "base" in run_cfg:
         raise UsageError(f"{args.out} is a fine-tuned run (sft or dpo) with no prepared data of "
                          "its own: its held-out loss is in its log.jsonl; pass --data "
                          "PREPARED_FOLDER to evaluate it on pretraining data")
-    _, _, _, val_path = load_prepared(data)
+    _, data_tok, _, val_path = load_prepared(data)
+    if data_tok.vocab_size > model.config.vocab_size:
+        raise UsageError(f"--data {data} was tokenized with {data_tok.vocab_size} ids but the "
+                         f"model in {args.out} has {model.config.vocab_size}: it was prepared "
+                         "with another tokenizer; pass data prepared with the model's")
     loader = BatchLoader(val_path, args.batch_size, model.config.block_size, mode="sequential")
     steps = loader.steps_per_epoch if args.eval_steps is None else min(args.eval_steps,
                                                                         loader.steps_per_epoch)
@@ -408,7 +425,8 @@ def cmd_eval(args) -> int:
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="{prepare,train,sample,eval,sft,chat,dpo}")
+    sub = p.add_subparsers(dest="command",
+                           metavar="{prepare,train,sample,eval,sft,chat,dpo,export}")
 
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():
@@ -474,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
             ps.add_argument("--eval-steps", type=int, default=None,
                             help="batches (default: the whole validation split)")
             ps.set_defaults(func=cmd_eval)
+    px = sub.add_parser("export", help="write a trained run as a Hugging Face GPT-2 folder "
+                                       "(config.json, model.safetensors, the tokenizer)")
+    px.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
+    px.add_argument("--to", required=True, help="the folder to write")
+    px.add_argument("--which", default=None, choices=["best", "latest"],
+                    help="checkpoint (default best, else latest)")
+    px.add_argument("--overwrite", action="store_true",
+                    help="replace --to if it holds files (never a tensorlite run or data folder)")
+    px.set_defaults(func=cmd_export)
     return p
 
 

@@ -724,7 +724,7 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
         held = sorted(os.listdir(target))
         if held and not overwrite:
             shown = ", ".join(held[:6]) + (" ..." if len(held) > 6 else "")
-            raise HFError(f"{target} is not empty (it holds {shown}); pass overwrite=True to "
+            raise HFError(f"{target} is not empty (it holds {shown}); pass overwrite=True (--overwrite) to "
                           "replace it, or choose another folder")
 
     # everything in memory and checked before the first write

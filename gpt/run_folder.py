@@ -230,8 +230,14 @@ def load_tokenizer_of(out: str | os.PathLike):
 def load_run(out: str | os.PathLike, which: str | None = None, device: str = "cpu",
              say=print, what: str = "--out", made_by: str = "train"):
     """(model, tokenizer, meta) of the run in ``out``: its checkpoint (see pick_checkpoint)
-    into a GPT on ``device``, and its tokenizer."""
+    into a GPT on ``device``, and its tokenizer; or of a Hugging Face GPT-2 folder
+    (gpt.hf: config.json, model.safetensors, the tokenizer)."""
+    from .hf import is_hf_folder, load_hf_folder
     from .model import GPT, GPTConfig
+    if is_hf_folder(out):           # a Hugging Face GPT-2 folder (config.json, safetensors)
+        model, tok = load_hf_folder(out, device)
+        return model, tok, {"config": model.config.to_dict(), "path": str(out),
+                            "extra": {"train_config": {}}}
     path = pick_checkpoint(out, which, say, what, made_by)
     meta = ckpt.load_checkpoint(path)
     model = GPT(GPTConfig.from_dict(meta["config"])).to(device)

@@ -332,6 +332,7 @@ class Trainer:
         return evaluate(self.model, self.val_loader, self.eval_steps)
 
     loss_is_ce = True           # a cross-entropy (its perplexity is shown)
+    rows_per_example = 1        # rows of block_size tokens per example of the batch
 
     def _val_extra(self) -> dict:
         """More numbers of the last evaluation, logged and printed (name -> value)."""
@@ -653,7 +654,8 @@ class Trainer:
         log = self._start_writing()
         self.baseline = self._baseline()
         peak = _Peak(cfg.device, ranks=self.par.world.size if self.par else 1)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
+        tokens_per_step = (cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
+                           * self.rows_per_example)
         layout = (f"; {self.par.dp.size} data-parallel x {self.par.tp.size} tensor-parallel x "
                   f"{self.par.pp.size} pipeline ranks" if self.par is not None else "")
         self.say(f"model: {self.n_params:,} parameters "
@@ -692,7 +694,7 @@ class Trainer:
                         mfu, capped = peak.mfu(tps * self.flops_per_token)
                         t_last, window_tokens = time.perf_counter(), 0
                         if math.isfinite(loss):
-                            rec = {"step": self.step, "loss": round(loss, 6), "lr": lr,
+                            rec = {"step": self.step, "loss": loss, "lr": lr,
                                    "grad_norm": round(norm, 5), "tokens_per_s": round(tps, 1),
                                    "mfu": round(mfu, 4), **more}
                             log.write({**rec, "mfu_capped": True} if capped else rec)
@@ -764,7 +766,7 @@ class Trainer:
             self._sync_pipeline()
         val = self._val_loss()
         extra = self._val_extra()
-        log.write({"step": self.step, "val_loss": round(val, 6),
+        log.write({"step": self.step, "val_loss": val,
                    **({"val_ppl": round(math.exp(min(val, 50)), 3)} if self.loss_is_ce else {}),
                    **extra})
         if not math.isfinite(val):

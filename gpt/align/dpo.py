@@ -30,10 +30,12 @@ import tensorlite as tl
 from gpt.config import DPOConfig
 from gpt.data.errors import DataError
 from gpt.model import GPT
-from gpt.run_folder import TrainingError, load_tokenizer_of, pick_checkpoint
+from gpt.run_folder import TrainingError
+from nn.checkpoint import CheckpointError
 from nn import functional as F
 
-from .sft import RowLoader, SFTTrainer, _sha, _tokenizer_meta, encode_rows, load_examples
+from .sft import (RowLoader, SFTTrainer, _sha, _tokenizer_meta, encode_rows, load_examples,
+                  read_base)
 from .template import ChatTokenizer
 
 
@@ -130,6 +132,7 @@ class DPOTrainer(SFTTrainer):
 
     baseline_label = "reference"
     loss_is_ce = False
+    rows_per_example = 2        # a pair: prompt + chosen, prompt + rejected
 
     def _load_data(self) -> dict:
         cfg, tok = self.cfg, self.tokenizer
@@ -151,11 +154,10 @@ class DPOTrainer(SFTTrainer):
         """The frozen reference: the base run's weights (with the chat tokens grown)."""
         cfg = self.cfg
         try:
-            self.base_ckpt = self.base_ckpt or pick_checkpoint(cfg.base, None, self.say,
-                                                               what="--base")
-        except TrainingError as e:
+            _, base_tok, self.base_ckpt = read_base(cfg.base, self.say)
+        except (TrainingError, CheckpointError) as e:
             raise TrainingError(f"DPO needs its reference model, the --base run: {e}") from None
-        if self._grown is None and not isinstance(load_tokenizer_of(cfg.base), ChatTokenizer):
+        if self._grown is None and not isinstance(base_tok, ChatTokenizer):
             self._grown = (self.tokenizer.base_vocab_size, self.tokenizer.vocab_size)
         ref = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
         ref.load_state_dict(self._base_weights())

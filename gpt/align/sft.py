@@ -213,6 +213,17 @@ def load_conversations(cfg: SFTConfig, say=print):
 
 
 # ------------------------------------------------------------------------------ weights
+def read_base(base: str, say=print):
+    """(model config, tokenizer, checkpoint folder) of --base: a run folder (its best, else
+    latest, checkpoint) or a Hugging Face GPT-2 folder (checkpoint None)."""
+    from gpt.hf import is_hf_folder, load_hf_tokenizer, read_hf_config, config_from_hf
+    if is_hf_folder(base):
+        return config_from_hf(read_hf_config(base)), load_hf_tokenizer(base), None
+    path = pick_checkpoint(base, None, say, what="--base")
+    return (GPTConfig.from_dict(ckpt.load_checkpoint(path)["config"]), load_tokenizer_of(base),
+            path)
+
+
 def grow_vocab(state: dict, old: int, new: int) -> dict:
     """A GPT state_dict with the token embedding (and an untied head) grown from ``old`` to
     ``new`` rows; each new row starts at the mean of the old ones (the chat tokens begin as
@@ -249,10 +260,7 @@ class SFTTrainer(Trainer):
             tok = load_tokenizer_of(cfg.out)
             base_cfg = GPTConfig.from_dict(meta["config"])
         else:
-            self.base_ckpt = pick_checkpoint(cfg.base, None, self.say, what="--base")
-            meta = ckpt.load_checkpoint(self.base_ckpt)
-            tok = load_tokenizer_of(cfg.base)
-            base_cfg = GPTConfig.from_dict(meta["config"])
+            base_cfg, tok, self.base_ckpt = read_base(cfg.base, self.say)
             if base_cfg.vocab_size != tok.vocab_size:
                 raise TrainingError(f"--base {cfg.base}: its tokenizer has {tok.vocab_size} ids "
                                     f"but its model {base_cfg.vocab_size}")
@@ -291,9 +299,12 @@ class SFTTrainer(Trainer):
 
     def _base_weights(self) -> dict:
         """The base run's state_dict (grown by the chat tokens when it had none)."""
-        base = ckpt.load_checkpoint(self.base_ckpt)
-        model = GPT(GPTConfig.from_dict(base["config"])).to(self.cfg.device, self.cfg.dtype)
-        ckpt.load_checkpoint(self.base_ckpt, model=model)
+        if self.base_ckpt is None:                 # a Hugging Face folder
+            model = GPT.from_pretrained(self.cfg.base, self.cfg.device, self.cfg.dtype)
+        else:
+            base = ckpt.load_checkpoint(self.base_ckpt)
+            model = GPT(GPTConfig.from_dict(base["config"])).to(self.cfg.device, self.cfg.dtype)
+            ckpt.load_checkpoint(self.base_ckpt, model=model)
         state = {k: v.data for k, v in model.state_dict().items()}
         return grow_vocab(state, *self._grown) if self._grown else state
 

@@ -372,7 +372,7 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
 
 def tokenizer_filename(kind: str) -> str:
     """The file name prepare uses for a tokenizer of this kind."""
-    return "tokenizer.json" if kind == "byte" else "tokenizer.model"
+    return "tokenizer.json" if kind in ("byte", "hf") else "tokenizer.model"
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -387,6 +387,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             spec = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"tokenizer file {path} is not valid JSON: {exc}") from None
+        if isinstance(spec, dict) and "model" in spec and "added_tokens" in spec:
+            from gpt.hf import HFTokenizer      # a Hugging Face tokenizer.json (a run
+            return HFTokenizer(data)            # fine-tuned from an HF folder keeps one)
         if spec.get("format") != _JSON_FORMAT or spec.get("kind") != "byte":
             raise DataError(
                 f"tokenizer file {path} is JSON but not a tensorlite byte tokenizer "
