@@ -62,8 +62,9 @@ def answer(model, tok: ChatTokenizer, messages, max_new_tokens: int = 200, **sam
 
 
 def chat_loop(model, tok: ChatTokenizer, system: str | None, max_new_tokens: int,
-              sampling: dict, prompt: str | None = None, read=input, write=sys.stdout.write):
+              sampling: dict, prompt: str | None = None, read=input, write=None):
     """One turn (``prompt``) or the interactive loop. Returns the conversation."""
+    write = write or sys.stdout.write
     base = [("system", system)] if system else []
     msgs = list(base)
 
