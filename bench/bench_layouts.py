@@ -36,7 +36,11 @@ all-reduces inside Forward and Backward, the loss broadcast); **compute** = the 
 share is a rank's median over the steps; the table gives the max and mean over ranks of the
 communication share, and means over ranks of the others.
 
-A markdown table is printed; ``--json`` keeps every rank's every step.
+With ``--repeats R`` everything runs R times, interleaved, and the medians are over the timed
+steps of all repeats. ``others' load``: the cores other processes kept busy meanwhile
+(`bench.benchutil.CpuMonitor`; the most over the repeats): on a 2-core machine a run with more
+than ~0.15 is not to be trusted. A markdown table is printed; ``--json`` keeps every rank's
+every step.
 """
 from __future__ import annotations
 
@@ -285,6 +289,15 @@ def _run(cmd, env, wait_quiet) -> list:
     return [{**r, "others": mon.other_cores} for r in json.loads(lines[0][len("RESULT "):])]
 
 
+def pool(runs: list) -> dict:
+    """One layout's repeats as one run: the timed steps of all of them, side by side;
+    ``others``: the most other processes used during any of them."""
+    out = dict(runs[0], repeats=len(runs), others=max(r["others"] for r in runs),
+               others_per_repeat=[r["others"] for r in runs])
+    out["per_rank"] = np.concatenate([np.array(r["per_rank"]) for r in runs], axis=1).tolist()
+    return out
+
+
 def _mpiexec() -> str:
     local = Path(sys.executable).parent / "mpiexec"
     return str(local) if local.exists() else "mpiexec"
@@ -323,6 +336,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="TENSORLITE_NUM_THREADS for every run (default: as the command sizes "
                          "it, cores / local ranks)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run everything this many times, interleaved, and take the medians "
+                         "over the timed steps of all of them (default 1)")
     ap.add_argument("--data", help="a prepared data folder (default: a small one with the byte "
                                    "tokenizer, made in a temporary directory)")
     ap.add_argument("--json", help="write every rank's every step here")
@@ -359,11 +375,15 @@ def main(argv=None) -> int:
                "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
                "options": {k: v for k, v in vars(args).items() if k not in ("worker", "tmp")},
                "runs": []}
-        res["runs"] += _run(base, env, args.wait_quiet)
-        res["runs"] += [dict(r, layout="1 process, 1 thread") for r in
-                        _run(base, _env(1), args.wait_quiet)]
-        for n in ranks:
-            res["runs"] += _run([_mpiexec(), "-n", str(n)] + base, env, args.wait_quiet)
+        jobs = [(base, env, None), (base, _env(1), "1 process, 1 thread")] + [
+            ([_mpiexec(), "-n", str(n)] + base, env, None) for n in ranks]
+        runs: dict = {}                     # layout -> its runs, one per repeat, in order
+        for _ in range(args.repeats):       # interleaved: a busy spell spoils one of each
+            for cmd, job_env, name in jobs:
+                for r in _run(cmd, job_env, args.wait_quiet):
+                    runs.setdefault(name or r["layout"], []).append(
+                        dict(r, layout=name or r["layout"]))
+        res["runs"] = [pool(rs) for rs in runs.values()]
     res["loadavg_after"] = os.getloadavg()[0]
     meta = res["runs"][0]
     res["params"] = meta["params"]
@@ -376,7 +396,8 @@ def main(argv=None) -> int:
     over = [n for n in ranks if n > cores]
     print(f"{args.preset} GPT ({meta['params']:,} parameters), global batch {args.batch_size} x "
           f"{args.grad_accum} micro-batches x {block} tokens, {args.steps} timed steps after "
-          f"{args.warmup}, {cores} cores, load average {res['loadavg_before']:.1f} -> "
+          f"{args.warmup}" + (f", {args.repeats} repeats" if args.repeats > 1 else "")
+          + f", {cores} cores, load average {res['loadavg_before']:.1f} -> "
           f"{res['loadavg_after']:.1f}"
           + (f"; OPENBLAS env: {res['openblas_env']}" if res["openblas_env"] else ""))
     if over:
