@@ -104,11 +104,23 @@ class MultiHeadAttention(Module):
         if self.rotary is not None:
             cos, sin = self.rotary.tables(t, offset, x.dtype)          # (T, D/2)
         mask = self._mask(attn_mask, x, (b, self.n_head, t, offset + t))
-        y = ops.SelfAttention.apply(
+        op, keep = ops.SelfAttention, {}
+        if self.keep_weights:
+            op, keep = _KeepingWeights, {"keep": self._keep}
+        y = op.apply(
             self.qkv(x), mask, n_head=self.n_head, is_causal=self.causal,
             dropout_p=self.dropout_p if self.training else 0.0, generator=self.attn_generator,
-            cos=cos, sin=sin, kv_cache=kv_cache)                         # (B, T, C)
+            cos=cos, sin=sin, kv_cache=kv_cache, **keep)                 # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    # Set keep_weights = True (on the instance) to keep the attention probabilities of the
+    # last forward in last_weights: (B, n_head, T, cached + T), rows summing to 1, before
+    # dropout (gpt.inspect draws them). Off by default: nothing is kept, copied or checked.
+    keep_weights = False
+    last_weights = None
+
+    def _keep(self, p):
+        object.__setattr__(self, "last_weights", p)
 
     # A tensor-parallel version of this layer (parallel/tensor_parallel.py) holds a share of
     # the heads and overrides these two; the forward above is the same for both.
@@ -120,6 +132,17 @@ class MultiHeadAttention(Module):
 
     def extra_repr(self):
         return f"d_model={self.d_model}, n_head={self.n_head}, causal={self.causal}"
+
+
+class _KeepingWeights(ops.SelfAttention):
+    """ops.SelfAttention that also hands a copy of its probabilities P (B, H, T, Tk) to
+    ``keep`` (MultiHeadAttention.keep_weights); the output and the backward are the op's."""
+
+    def forward(self, qkv, mask=None, *, keep, **params):
+        out = super().forward(qkv, mask, **params)
+        b, t, h, _ = self.dims
+        keep(self.saved[3].reshape(b, h, t, -1).copy())
+        return out
 
 
 def mask_input(attn_mask, x: Tensor, scores_shape: tuple):

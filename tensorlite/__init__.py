@@ -10,6 +10,7 @@ from .cpu import get_num_threads, set_num_threads
 from .backend import cuda_available, cuda_unavailable_reason
 from .creation import (arange, eye, full, ones, ones_like, rand, randint, randn, tensor, zeros,
                        zeros_like)
+from .draw import draw_graph
 from .gradcheck import GradcheckError, gradcheck, gradcheck_directional
 from .ops.elementwise import add, clip, div, mul, pow, sub
 from .ops.indexing import masked_fill, one_hot, take, where
