@@ -200,6 +200,9 @@ def top_k(logits: np.ndarray, k: int):
     first, and their probabilities (float64)."""
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"top_k: k must be an int >= 1, got {k!r}")
+    if logits.ndim > 2:     # one slice at a time: (L+1, T, V) of a large vocabulary is big
+        parts = [top_k(x, k) for x in logits]
+        return np.stack([i for i, _ in parts]), np.stack([p for _, p in parts])
     p = softmax(logits)
     k = min(int(k), p.shape[-1])
     idx = np.argsort(-p, axis=-1, kind="stable")[..., :k]
@@ -210,8 +213,8 @@ def lens_target_probability(lens: np.ndarray, ids) -> np.ndarray:
     """(L+1, T-1): at each layer, the probability the lens gives the token that actually comes
     next in the prompt (position t's target is token t+1)."""
     ids = _one_sequence(ids, "lens_target_probability")[0]
-    p = softmax(lens[:, :-1])                                   # (L+1, T-1, V)
-    return np.take_along_axis(p, ids[None, 1:, None], -1)[..., 0]
+    return np.stack([np.take_along_axis(softmax(x[:-1]), ids[1:, None], -1)[:, 0]
+                     for x in lens])                            # layer by layer: (T-1, V) each
 
 
 def next_token_topk(model, ids, k: int = 5):
@@ -570,7 +573,8 @@ def plot_internals(log_path, png_path) -> Path | None:
             if d is None:
                 continue
             items = d.items() if isinstance(d, dict) else (
-                ((f"layer {i}" if sub != "res" else ("emb" if i == 0 else f"block {i - 1}")), v)
+                ((f"block {i}" if sub != "res" else ("embedding" if i == 0 else
+                                                     f"block {i - 1}")), v)
                 for i, v in enumerate(d))
             for name, v in items:
                 v = float(np.mean(v)) if isinstance(v, list) else v
@@ -614,7 +618,7 @@ color:#222}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1p
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;
 font-size:.9em}table{border-collapse:collapse;font-size:.8em}td,th{border:1px solid #ddd;
 padding:2px 5px;text-align:center;white-space:nowrap}th{background:#f4f4f4}
-code{background:#f4f4f4;padding:0 3px}.scroll{overflow-x:auto}"""
+code,pre{background:#f4f4f4;padding:0 3px}.scroll{overflow-x:auto}"""
 
 
 def _prompt_ids(tokenizer, prompt: str, block_size: int, say) -> list:
@@ -738,7 +742,7 @@ def _html(prompt, labels, model, figures, lens_ids, lens_p, nxt_ids, nxt_p, toke
              "<title>tensorlite-gpt inspect</title>", f"<style>{_CSS}</style></head><body>",
              "<h1>Inside the model</h1>",
              f"<p>{c.n_layer} layers, {c.n_head} heads, width {c.d_model}, vocabulary "
-             f"{c.vocab_size}. Prompt ({len(labels)} tokens): <code>{e(prompt)}</code></p>",
+             f"{c.vocab_size}. The prompt ({len(labels)} tokens):</p><pre>{e(prompt)}</pre>",
              "<p>Tokens: " + " ".join(f"<code>{e(s)}</code>" for s in labels) + "</p>"]
     for name, head, caption in figures:
         parts.append(f"<h2>{e(head)}</h2><figure><img src='{e(name)}' alt='{e(head)}'>"

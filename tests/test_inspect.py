@@ -310,6 +310,32 @@ def test_training_health_record_logs_and_plots(rng, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["internals.png", "log.jsonl"]
 
 
+def test_inspecting_does_not_change_training(rng):
+    """The same seed trains to the same weights, bit for bit, with TrainingHealth every other
+    step (dropout on: the probe's forward must draw nothing from the generator)."""
+    batches = [rng.integers(0, 29, (2, 10)) for _ in range(6)]
+
+    def run(inspect):
+        m = tiny(dtype=tl.float32, dropout=0.2)
+        m.train()
+        opt = AdamW(param_groups(m, 0.1), lr=1e-3)
+        health = I.TrainingHealth(m)
+        tl.manual_seed(7)
+        for step, x in enumerate(batches):
+            grads_of_one_step(m, (x, np.roll(x, -1, 1)))
+            if inspect and step % 2:
+                health.measure_grads()
+            clip_grad_norm_(m.parameters(), 1.0)
+            if inspect and step % 2:
+                health.snapshot_weights()
+            opt.step()
+            if inspect and step % 2:
+                health.finish(IDS[None])
+        return [p.numpy().copy() for p in m.parameters()]
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_array_equal(a, b)
+
+
 def assert_png(path, min_size=(100, 100)):
     import matplotlib.image as mpimg
     data = open(path, "rb").read()
@@ -336,7 +362,8 @@ def test_write_report_writes_every_picture_and_an_index_that_shows_them(tmp_path
     page = (out / "index.html").read_text(encoding="utf-8")
     assert sorted(re.findall(r"<img src='([^']+)'", page)) == pngs
     assert "http" not in page and "<script" not in page      # self-contained, no network
-    assert "&lt;bos&gt;" not in page and "\\t" in page and "\u2423" not in page.split("<p>Tokens")[0]
+    assert "<pre>def f(x):\n\treturn $x</pre>" in page      # the prompt as written
+    assert "<code>\\t</code>" in page and "<code>\u2423</code>" in page   # tokens, visible
     arrays = np.load(out / "internals.npz")
     ids = np.array(tok.encode("def f(x):\n\treturn $x"))
     np.testing.assert_array_equal(arrays["ids"], ids)
