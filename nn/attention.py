@@ -115,7 +115,7 @@ class MultiHeadAttention(Module):
 
     # Set keep_weights = True (on the instance) to keep the attention probabilities of the
     # last forward in last_weights: (B, n_head, T, cached + T), rows summing to 1, before
-    # dropout (gpt.inspect draws them). Off by default: nothing is kept, copied or checked.
+    # dropout (gpt.inspect draws them). Off by default: nothing is kept or copied.
     keep_weights = False
     last_weights = None
 
