@@ -185,6 +185,15 @@ def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section=
     from .run_folder import check_out, run_train_config
     cls = cls or TrainConfig
     given = _train_options(args, opts, section)
+    n = world.size if world is not None else 1
+    if n > 1 and "dp" not in given and not given.get("resume"):
+        # under mpiexec, the ranks the other degrees leave are data-parallel replicas
+        rest = given.get("tp", 1) * given.get("pp", 1)
+        if isinstance(rest, int) and rest > 0 and n % rest == 0:
+            given["dp"] = n // rest
+    for opt in ("pp_schedule", "pp_timetable"):
+        if opt in given and given.get("pp", 1) == 1 and not given.get("resume"):
+            say(f"note: {_opt(opt)} has no effect without --pp > 1")
     cfg = cls.from_dict(given)
     cfg.validate()
     check_out(cfg)                  # before preparing anything: the run in --out is safe
@@ -199,7 +208,6 @@ def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section=
     if saved:
         # --resume continues the run as it was started (its data, model, schedule); options
         # given now override, and are named; the parallel layout follows the launcher
-        n = world.size if world is not None else 1
         if not any(k in given for k in ("dp", "tp", "pp")):
             given.update(dp=n, tp=1, pp=1)      # the launcher's ranks as data-parallel ones
         else:
@@ -533,6 +541,14 @@ def _launcher_rank() -> int:
     return 0
 
 
+def _launcher_size() -> int:
+    """The number of ranks the MPI launcher started, from the environment (1 without one)."""
+    for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 1
+
+
 def main(argv=None) -> int:
     from gpt.data.errors import DataError
     from nn.checkpoint import CheckpointError
@@ -553,6 +569,13 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.command not in ("train", "sft", "dpo") and _launcher_size() > 1:
+        # one process does it (several would print it N times, or race on the same files)
+        if _launcher_rank() == 0:
+            print(f"note: {args.command} runs in one process; under mpiexec ranks other than 0 "
+                  "do nothing", file=sys.stderr)
+        else:
+            return 0
     try:
         return args.func(args)
     except (UsageError, ConfigError, DataError, CheckpointError, TrainingError) as e:

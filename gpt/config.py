@@ -38,8 +38,9 @@ def option(default=None, help: str = "", *, flag: str | None = None, cli: bool =
 
 @dataclass
 class ParallelConfig:
-    dp: int = option(1, "data-parallel degree: must equal the number of MPI ranks "
-                        "(mpiexec -n N); the global batch is split over them")
+    dp: int = option(1, "data-parallel degree: the global batch is split over this many "
+                        "replicas; dp x tp x pp = the MPI ranks (mpiexec -n N)",
+                     default_text="the ranks / (tp x pp)")
     tp: int = option(1, "tensor-parallel degree: each block's heads, MLP and the vocabulary "
                         "split over this many adjacent ranks (Megatron-LM); dp x tp x pp = ranks")
     pp: int = option(1, "pipeline-parallel degree: the blocks split into this many stages, "

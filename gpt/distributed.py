@@ -23,16 +23,16 @@ def check_world(cfg: TrainConfig, world) -> None:
     p, n = cfg.parallel, (world.size if world is not None else 1)
     if p.zero and p.dp == 1:
         raise ConfigError("--zero 1 shards the optimizer state over data-parallel ranks: "
-                          "it needs --dp > 1 (run under mpiexec -n N with --dp N)")
+                          "it needs --dp > 1" + (" (run under mpiexec -n N with --dp N)"
+                                                 if n == 1 else
+                                                 f" (here --dp x --tp x --pp = {n} ranks)"))
     if p.dp * p.tp * p.pp == n:
         return
-    if p.tp > 1 or p.pp > 1:
+    if p.tp > 1 or p.pp > 1 or n > p.dp:
+        fit = (f"; e.g. --dp {n // (p.tp * p.pp)}" if n % (p.tp * p.pp) == 0 else "")
         raise ConfigError(f"--dp {p.dp} x --tp {p.tp} x --pp {p.pp} = {p.dp * p.tp * p.pp} "
                           f"ranks, but the launcher started {n}: the product of the degrees must "
-                          "equal the number of ranks")
-    if n > p.dp:
-        raise ConfigError(f"the launcher started {n} processes but --dp is {p.dp}: pass --dp {n} "
-                          "(the data-parallel degree must equal the number of ranks)")
+                          f"equal the number of ranks{fit}")
     if n < p.dp:
         how = "" if "mpi4py" in sys.modules else "install mpi4py (pip install -e '.[mpi]'), then "
         raise ConfigError(f"--dp {p.dp} but the launcher started {n} process(es): {how}run "

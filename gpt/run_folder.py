@@ -137,6 +137,61 @@ def run_train_config(out: str | os.PathLike) -> dict | None:
     return None
 
 
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """While a process trains into a run folder it holds an exclusive lock on ``out/.lock``
+    (``fcntl.flock``): a second command into the same folder (a --resume, an --overwrite)
+    sees it and stops instead of writing beside it. The operating system releases the lock
+    when the process ends in any way, kill -9 included, so it never goes stale. (Where flock
+    is missing, as on Windows, there is no lock.)"""
+
+    def __init__(self, out: str | os.PathLike):
+        self.path = Path(out) / LOCK_NAME
+        self.f = None
+
+    def acquire(self, record: bool = True) -> None:
+        """Take the lock (``record``: write who holds it into the file), or raise
+        TrainingError saying who does."""
+        try:
+            import fcntl
+        except ImportError:                   # pragma: no cover - not on POSIX
+            return
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip().split("\n")[0] or "another process"
+            f.close()
+            raise TrainingError(f"{self.path.parent} is being trained right now ({who}): wait "
+                                "for that run to end, or choose another --out") from None
+        self.f = f
+        if not record:
+            return
+        import socket
+        import time
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+
+    def release(self) -> None:
+        if self.f is not None:
+            self.f.close()                    # closing the file releases the flock
+            self.f = None
+
+
+def check_not_locked(out: str | os.PathLike) -> None:
+    """Refuse a folder another process is training into (see RunLock)."""
+    if (Path(out) / LOCK_NAME).is_file():
+        probe = RunLock(out)
+        probe.acquire(record=False)
+        probe.release()
+
+
 def check_out(cfg: TrainConfig) -> None:
     """Every check on --out that needs no data and writes nothing: a file in the way, a folder
     that cannot be written, a run that would be overwritten without --overwrite."""
@@ -157,6 +212,8 @@ def check_out(cfg: TrainConfig) -> None:
         raise TrainingError(f"--out {out} is a prepared data folder (it holds meta.json and "
                             "train.bin), not a run: pass it as --data, and choose another --out "
                             "for the run")
+    if out.is_dir():
+        check_not_locked(out)
     status = run_status(out) if out.is_dir() else None
     if status is None or cfg.overwrite:
         return

@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .distributed import (stage_owners, agree_on_errors, check_same_options, check_world,
                           mpi_world)
 from .run_folder import (LOG_NAME, RUN_FILES, TrainingError, atomic_json, RunLog, NoLog,
-                         writing, check_out, json_safe)
+                         RunLock, writing, check_out, json_safe)
 from .model import GPT, ConfigError, GPTConfig
 
 
@@ -637,6 +637,9 @@ class Trainer:
         if not self.is_main:
             return NoLog()
         with writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = RunLock(self.out)      # held until the run ends (or the process)
+            self._lock.acquire()
             if cfg.overwrite:
                 for name in RUN_FILES:
                     path = self.out / name
@@ -644,11 +647,19 @@ class Trainer:
                         shutil.rmtree(path)
                     elif path.exists() or path.is_symlink():
                         path.unlink()
-            self.out.mkdir(parents=True, exist_ok=True)
             self._save_tokenizer()
             return RunLog(self.out / LOG_NAME, self.step if self.resumed_from else None)
 
     def run(self) -> dict:
+        """Train to max_steps (or a stop); rank 0 holds the run folder's lock meanwhile."""
+        self._lock = None
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         resumed = self.resumed_from is not None
         log = self._start_writing()

@@ -135,7 +135,7 @@ def test_a_dp_run_resumes_in_one_process_and_under_zero(data, tmp_path):
 
 
 @pytest.mark.parametrize("n,extra,msg", [
-    (2, [], "the launcher started 2 processes but --dp is 1: pass --dp 2"),
+    (2, ["--dp", "1"], "--dp 1 x --tp 1 x --pp 1 = 1 ranks, but the launcher started 2"),
     (1, ["--dp", "2"], "--dp 2 but the launcher started 1 process(es)"),
     (2, ["--dp", "2", "--batch-size", "7"], "--batch-size 7 is the global micro-batch"),
     (1, ["--zero", "1"], "--zero 1 shards the optimizer state"),
@@ -156,6 +156,20 @@ def test_a_layout_that_does_not_fit_is_one_line(data, tmp_path, n, extra, msg):
     assert "Traceback" not in r.stderr and "Abort" not in r.stderr, r.stderr
     assert r.returncode == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_the_ranks_left_by_tp_and_pp_are_data_parallel_and_other_commands_run_once(data,
+                                                                                     tmp_path):
+    r = _train(["--data", str(data), *COMMON, "--max-steps", "2", "--out", str(tmp_path / "r")],
+               n=2)
+    assert r.returncode == 0, r.stderr
+    assert "2 data-parallel x 1 tensor-parallel x 1 pipeline ranks" in r.stdout
+    e = dict(os.environ, PYTHONPATH=str(ROOT), TENSORLITE_NUM_THREADS="1")
+    s = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "gpt.cli", "sample", "--out",
+                        str(tmp_path / "r"), "--prompt", "def", "--max-new-tokens", "5",
+                        "--temperature", "0"], env=e, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0 and s.stdout.count("def") == 1, (s.stdout, s.stderr)
+    assert "sample runs in one process" in s.stderr
 
 
 def test_option_errors_and_help_are_printed_once_under_mpiexec(data, tmp_path):

@@ -95,6 +95,30 @@ def test_second_train_into_a_run_is_refused_and_touches_nothing(data_dir, tmp_pa
     assert _tree_digest(out) == before
 
 
+def test_a_run_being_trained_is_never_resumed_or_overwritten_beside_it(data_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    """While one process trains into --out (it holds out/.lock), a --resume or an --overwrite
+    into the same folder is refused before it writes anything; after the run ends (or dies:
+    the OS drops the lock) the folder is free again."""
+    import fcntl
+    out = tmp_path / "run"
+    train(cfg_for(data_dir, out, max_steps=4), **quiet)
+    holder = open(out / ".lock", "w")                   # another process's lock, as it holds it
+    holder.write("pid 4242 on elsewhere, since 2026-11-30 00:00:00\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    before = _tree_digest(out)
+    for extra in (["--resume", "--max-steps", "8"], ["--overwrite", "--max-steps", "4"]):
+        rc = main(["train", "--data", str(data_dir), "--out", str(out), *SMALL, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "is being trained right now (pid 4242 on elsewhere" in err
+        assert _tree_digest(out) == before
+    holder.close()                                      # the other run ended
+    s = train(cfg_for(data_dir, out, max_steps=8, resume=True), **quiet)
+    assert s["step"] == 8
+
+
 def test_overwrite_replaces_the_run(data_dir, tmp_path):
     out = tmp_path / "run"
     train(cfg_for(data_dir, out, max_steps=8), **quiet)
