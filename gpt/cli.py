@@ -1,4 +1,4 @@
-"""tensorlite-gpt: prepare | train | sample | eval | sft | chat | dpo | export.
+"""tensorlite-gpt: prepare | train | sample | eval | sft | chat | dpo | export | inspect.
 
 A thin layer over gpt.data.prepare, gpt.train and gpt.model: every option maps to a field of a
 config dataclass; a TOML file (--config) may set any of them and the command line overrides
@@ -300,6 +300,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .inspect import write_report
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    model, tok, _ = _load_run(args.out, args.which, args.device)
+    folder = write_report(model, tok, args.prompt or "", args.to or Path(args.out) / "inspect",
+                          overwrite=args.overwrite, k=args.top_k, say=print)
+    print(f"wrote {folder / 'index.html'}: open it in a browser (attention maps, logit lens, "
+          "activation statistics, next-token guesses)")
+    return 0
+
+
 def cmd_dpo(args) -> int:
     return cmd_sft(args, dpo=True)
 
@@ -434,7 +446,7 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command",
-                           metavar="{prepare,train,sample,eval,sft,chat,dpo,export}")
+                           metavar="{prepare,train,sample,eval,sft,chat,dpo,export,inspect}")
 
     pp = sub.add_parser("prepare", help="clean, deduplicate and tokenize a corpus into shards")
     for k, (t, h) in PREPARE_OPTIONS.items():
@@ -500,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
             ps.add_argument("--eval-steps", type=int, default=None,
                             help="batches (default: the whole validation split)")
             ps.set_defaults(func=cmd_eval)
+    pi = sub.add_parser("inspect", help="pictures of what a trained model computes on a prompt "
+                                        "(attention, logit lens, activations), in index.html")
+    pi.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
+    pi.add_argument("--prompt", default=None, help="the text to look at (default: the BOS token)")
+    pi.add_argument("--to", default=None, help="the folder to write (default OUT/inspect)")
+    pi.add_argument("--which", default=None, choices=["best", "latest"],
+                    help="checkpoint (default best, else latest)")
+    pi.add_argument("--device", default="cpu")
+    pi.add_argument("--top-k", type=int, default=5, help="guesses shown per position")
+    pi.add_argument("--overwrite", action="store_true", help="replace the folder's pictures")
+    pi.set_defaults(func=cmd_inspect)
+
     px = sub.add_parser("export", help="write a trained run as a Hugging Face GPT-2 folder "
                                        "(config.json, model.safetensors, the tokenizer)")
     px.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")

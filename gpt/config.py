@@ -95,6 +95,9 @@ class TrainConfig:
                                        default_text="every evaluation")
     ckpt_minutes: float = option(5.0, "also save ckpt/latest every this many minutes, so a "
                                       "killed run loses minutes, not the run; 0 = off")
+    inspect_interval: int = option(0, "every this many steps, log per-layer gradient norms, "
+                                      "update/weight ratios and activation statistics and plot "
+                                      "internals.png (gpt/inspect.py); 0 = off")
     seed: int = option(1337, "random seed")
     device: str = option("cpu", "cpu | cuda | cuda:N")
     dtype: str = option("float32", "float32 | float64 (float16 training is not supported)")
@@ -157,7 +160,8 @@ class TrainConfig:
         """Every value in range, before anything is read or written (the CLI prints the
         ConfigError as one line). ``model``: also the layout against the model's shape."""
         ints = dict(batch_size=1, grad_accum=1, max_steps=1, eval_interval=1, eval_steps=1,
-                    log_interval=1, ckpt_interval=1, samples=0, sample_tokens=0, seed=0)
+                    log_interval=1, ckpt_interval=1, samples=0, sample_tokens=0, seed=0,
+                    inspect_interval=0)
         for k, lo in ints.items():
             v = getattr(self, k)
             if k == "ckpt_interval" and v is None:
@@ -202,6 +206,11 @@ class TrainConfig:
             raise ConfigError(f"--device {self.device}: {tl.cuda_unavailable_reason()}; "
                               "use --device cpu")
         self.parallel.validate()
+        p = self.parallel
+        if self.inspect_interval and (p.tp > 1 or p.pp > 1 or p.zero):
+            raise ConfigError("--inspect-interval reads every weight's gradient and change on "
+                              "one rank: it works in one process and with --dp, not with --tp, "
+                              "--pp or --zero 1 (a rank holds only part of them)")
         if self.batch_size % self.parallel.dp:
             raise ConfigError(f"--batch-size {self.batch_size} is the global micro-batch, split "
                               f"over --dp {self.parallel.dp} ranks: pick a multiple of "

@@ -81,7 +81,7 @@ def json_safe(obj):
 
 # What `train` writes into --out; an existing folder holding any of them holds a run.
 RUN_FILES = ("ckpt", LOG_NAME, "loss.png", "summary.json", "tokenizer.model", "tokenizer.json",
-             "chat_template.json", "samples.json")
+             "chat_template.json", "samples.json", "internals.png")
 
 
 def run_status(out: str | os.PathLike) -> str | None:

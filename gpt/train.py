@@ -289,6 +289,11 @@ class Trainer:
                 self.ddp = parallel.DataParallel(self.model, self.par.dp,
                                                  bucket_cap_mb=cfg.parallel.bucket_mb)
         self.train_loader, self.val_loader = self._make_loaders()
+        self.inspected = None
+        if cfg.inspect_interval:                  # --inspect-interval (gpt/inspect.py)
+            from .inspect import TrainingHealth
+            self.health = TrainingHealth(self.model)
+            self._probe = self.val_loader.get_batch(0)[0][:1]   # the same sequence each time
         self.eval_steps = min(cfg.eval_steps, self.val_loader.steps_per_epoch)
         self.step = 0
         self.best_val = float("inf")
@@ -626,8 +631,15 @@ class Trainer:
         if not math.isfinite(loss):
             self.opt.zero_grad()
             return loss, float("nan")
+        due = cfg.inspect_interval and (self.step + 1) % cfg.inspect_interval == 0
+        if due:
+            self.health.measure_grads()           # the gradients backward produced
         norm = self.clip()
+        if due:
+            self.health.snapshot_weights()
         self.optimizer_step()
+        if due:                                   # logged by the loop with this step
+            self.inspected = self.health.finish(self._probe)
         return loss, norm
 
     # -- the loop ------------------------------------------------------------------------------
@@ -697,6 +709,9 @@ class Trainer:
                         log.write({"step": self.step + 1, "skipped": True, "loss": None})
                     self.step += 1
                     window_tokens += tokens_per_step
+                    if self.inspected is not None:
+                        log.write({"step": self.step, "inspect": self.inspected})
+                        self.inspected = None
                     lr = self.opt.param_groups[0]["lr"]
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                         more = self._log_extra()
@@ -789,6 +804,10 @@ class Trainer:
             with writing(self.out / "loss.png"):
                 plot_losses(self.out / LOG_NAME, self.out / "loss.png", self.baseline,
                             self.baseline_label)
+            if self.cfg.inspect_interval:
+                from .inspect import plot_internals
+                with writing(self.out / "internals.png"):
+                    plot_internals(self.out / LOG_NAME, self.out / "internals.png")
         ppl = f"perplexity {math.exp(min(val, 50)):.1f}; " if self.loss_is_ce else ""
         more = "".join(f", {k.replace('val_', '').replace('_', ' ')} {v:.4g}"
                        for k, v in extra.items())
