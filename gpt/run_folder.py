@@ -158,10 +158,14 @@ class RunLock:
             import fcntl
         except ImportError:                   # pragma: no cover - not on POSIX
             return
+        import time
         f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        # a process that was just killed may take a moment to be gone (an MPI launcher can
+        # return before every rank has exited): wait up to 3 s before calling the run busy
+        deadline = time.monotonic() + 3.0
+        while not _try_flock(f, fcntl) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _try_flock(f, fcntl):
             f.seek(0)
             who = f.read().strip().split("\n")[0] or "another process"
             f.close()
@@ -171,7 +175,6 @@ class RunLock:
         if not record:
             return
         import socket
-        import time
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -182,6 +185,15 @@ class RunLock:
         if self.f is not None:
             self.f.close()                    # closing the file releases the flock
             self.f = None
+
+
+def _try_flock(f, fcntl) -> bool:
+    """Take the exclusive flock on ``f`` if free (True; again once held: a no-op)."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 def check_not_locked(out: str | os.PathLike) -> None:
