@@ -1,6 +1,6 @@
 """GPT training and generation speed: tensorlite vs PyTorch eager, side by side (issue 6).
 
-    python -m bench.gpt_bench [--config tiny|small|all] [--mode train|gen|all] [--steps N]
+    python -m bench.gpt_bench [--config micro|tiny|small|all] [--mode train|gen|all] [--steps N]
                               [--warmup N] [--repeats R] [--json out.json] [--no-torch]
                               [--threads N] [--unset-openblas-env] [--profile]
 
@@ -39,6 +39,8 @@ from bench.benchutil import CpuMonitor, peak_rss_mb, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the shared reference's configs (../shared/bench/README.md)
+    # micro: nanoGPT's laptop recipe shape (shakespeare_char on a CPU)
+    "micro": dict(vocab_size=65, n_layer=4, n_head=4, d_model=128, block_size=64, batch_size=12),
     "tiny": dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=16),
     "small": dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, block_size=256, batch_size=8),
 }
