@@ -353,6 +353,29 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out.reshape(lead + out.shape[-2:])
 
 
+def matmul_pair(a1, b1, a2, b2):
+    """``(a1 @ b1, a2 @ b2)`` for 2-D NumPy arrays: the two products side by side, one per
+    thread with single-threaded BLAS, when there are two threads and both are large enough
+    to pay for the hand-off (a Linear's input and weight gradients: equal FLOPs). One
+    hand-off instead of two, and each GEMM whole instead of cut into thinner slices.
+    Otherwise one after the other through ``matmul``."""
+    if not _configured:
+        configure()
+    f1 = 2.0 * a1.size * b1.shape[-1]
+    f2 = 2.0 * a2.size * b2.shape[-1]
+    if get_num_threads() < 2 or min(f1, f2) < MIN_PARALLEL_FLOPS:
+        return matmul(a1, b1), matmul(a2, b2)
+    out = [np.empty((a1.shape[0], b1.shape[1]), np.result_type(a1, b1)),
+           np.empty((a2.shape[0], b2.shape[1]), np.result_type(a2, b2))]
+    pairs = ((a1, b1), (a2, b2))
+
+    def part(i, _):
+        np.matmul(*pairs[i], out=out[i])
+    with single_threaded_blas():
+        _run_parts(part, [(0, 1), (1, 2)])
+    return out[0], out[1]
+
+
 def for_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = None) -> None:
     """Call ``kernel(lo, hi)`` over blocks of rows covering ``0 .. n_rows``, in parallel.
 

@@ -37,6 +37,20 @@ def test_matmul_split_equals_numpy(shape_a, shape_b, threads):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_rows", [8, 600])     # below and above MIN_PARALLEL_FLOPS
+def test_matmul_pair_equals_numpy(n_rows, threads):
+    # a Linear's backward: g @ W and g^T @ x (a transposed view) side by side
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((n_rows, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 80)).astype(np.float32)
+    x = rng.standard_normal((n_rows, 80)).astype(np.float32)
+    for n in (1, 2):
+        threads(n)
+        gx, gw = cpu.matmul_pair(g, w, g.T, x)
+        np.testing.assert_allclose(gx, g @ w, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(gw, g.T @ x, rtol=1e-5, atol=1e-4)
+
+
 def test_for_rows_covers_every_row_once(threads):
     threads(2)
     seen = np.zeros(100_000, dtype=np.int64)

@@ -114,9 +114,14 @@ class Linear(Function):
 
     def backward(self, g):
         x, w = self.x, self.w
-        g2 = _rows2d(g)                                       # (N, out)
-        gx = mm(g2, w).reshape(x.shape) if self.needs_input_grad[0] else None   # (N, in)
-        gw = mm(g2.T, _rows2d(x)) if self.needs_input_grad[1] else None         # (out, in)
+        g2, x2 = _rows2d(g), _rows2d(x)                       # (N, out), (N, in)
+        need_x, need_w = self.needs_input_grad[:2]
+        if need_x and need_w and type(g2) is np.ndarray:      # both at once, a thread each
+            gx, gw = cpu.matmul_pair(g2, w, g2.T, x2)
+            gx = gx.reshape(x.shape)
+        else:
+            gx = mm(g2, w).reshape(x.shape) if need_x else None     # (N, out) @ (out, in)
+            gw = mm(g2.T, x2) if need_w else None                   # (out, N) @ (N, in)
         gb = g2.sum(axis=0) if self.has_b and self.needs_input_grad[2] else None
         return gx, gw, gb
 
