@@ -322,7 +322,7 @@ def cmd_chat(args) -> int:
     _check_sampling(args, ("--max-new-tokens", args.max_new_tokens, 1))
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; give a message, or leave --prompt out to chat")
-    model, tok, _ = _load_run(args.out, args.which, args.device, made_by="sft")
+    model, tok, _ = _load_run(args.out, args.which, args.device, made_by="sft", generate=True)
     if not isinstance(tok, ChatTokenizer):
         raise UsageError(f"{args.out} holds a pretrained model without the chat template (it "
                          f"was not fine-tuned): run tensorlite-gpt sft --base {args.out} first, "
@@ -368,18 +368,26 @@ def _check_sampling(args, *counts) -> None:
             raise UsageError(f"{name} must be >= {lo}, got {v}")
 
 
-def _load_run(out: str, which: str | None, device: str, made_by: str = "train"):
-    """(model, tokenizer, meta) from a run folder written by train, sft or dpo."""
+def _load_run(out: str, which: str | None, device: str, made_by: str = "train",
+              generate: bool = False):
+    """(model, tokenizer, meta) from a run folder written by train, sft or dpo, or a Hugging
+    Face folder. ``generate``: the tokenizer must decode every id the model can emit."""
     from .run_folder import load_run
     _check_device(device)
-    return load_run(out, which, device, lambda m: print(m, file=sys.stderr), made_by=made_by)
+    model, tok, meta = load_run(out, which, device, lambda m: print(m, file=sys.stderr),
+                                made_by=made_by)
+    if generate and tok.vocab_size < model.config.vocab_size:
+        raise UsageError(f"{out}: the model has {model.config.vocab_size} token ids but its "
+                         f"tokenizer only {tok.vocab_size}, so it could generate ids the "
+                         "tokenizer cannot turn into text; use the model's own tokenizer")
+    return model, tok, meta
 
 
 def cmd_sample(args) -> int:
     import numpy as np
     _check_sampling(args, ("--num-samples", args.num_samples, 1),
                     ("--max-new-tokens", args.max_new_tokens, 0))
-    model, tok, _ = _load_run(args.out, args.which, args.device)
+    model, tok, _ = _load_run(args.out, args.which, args.device, generate=True)
     prompt = args.prompt if args.prompt is not None else ""
     ids = tok.encode(prompt)
     if not ids:
@@ -491,11 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "chat":
             ps.add_argument("--prompt", default=None, help="one message: answer it and exit")
             ps.add_argument("--system", default=None, help="a system message first")
-            ps.add_argument("--max-new-tokens", type=int, default=200)
-            ps.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-            ps.add_argument("--top-k", type=int, default=None)
-            ps.add_argument("--top-p", type=float, default=None)
-            ps.add_argument("--seed", type=int, default=None)
+            ps.add_argument("--max-new-tokens", type=int, default=200,
+                            help="the longest answer, in tokens (default 200)")
+            ps.add_argument("--temperature", type=float, default=0.7,
+                            help="sampling temperature, 0 = greedy (default 0.7)")
+            ps.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
+            ps.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+            ps.add_argument("--seed", type=int, default=None,
+                            help="random seed, for answers that repeat (default: a fresh one)")
             ps.set_defaults(func=cmd_chat)
         elif name == "sample":
             ps.add_argument("--prompt", default=None, help="text to continue")

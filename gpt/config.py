@@ -249,6 +249,7 @@ class SFTConfig(TrainConfig):
     lr: float = option(5e-4, "peak learning rate")
     min_lr: float = option(5e-5, "final learning rate of the cosine decay")
     eval_interval: int = option(50, "steps between evaluations")
+    eval_steps: int = option(100, "held-out batches per evaluation (all of them when fewer)")
     samples: int = option(3, "held-out docstrings shown at the end with the base model's and "
                              "the tuned model's completions")
     sample_tokens: int = option(100, "tokens per completion")
@@ -386,7 +387,8 @@ def sft_specs() -> list[Spec]:
 def dpo_specs() -> list[Spec]:
     """Every option of `tensorlite-gpt dpo`: SFT's, less --pack (a pair is two rows)."""
     return [s for s in specs(DPOConfig) if s.name not in ("preset", "pack")] + \
-        [s for s in specs(GPTConfig) if s.name == "dropout"] + specs(ParallelConfig)
+        [s for s in specs(GPTConfig) if s.name == "dropout"] + \
+        [s for s in specs(ParallelConfig) if s.name in ("dp", "zero", "bucket_mb")]
 
 
 def cli_name(name: str) -> str:

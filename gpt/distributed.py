@@ -35,8 +35,10 @@ def check_world(cfg: TrainConfig, world) -> None:
                           f"equal the number of ranks{fit}")
     if n < p.dp:
         how = "" if "mpi4py" in sys.modules else "install mpi4py (pip install -e '.[mpi]'), then "
+        from .config import command_of
         raise ConfigError(f"--dp {p.dp} but the launcher started {n} process(es): {how}run "
-                          f"`mpiexec -n {p.dp} tensorlite-gpt train --dp {p.dp} ...`, or pass "
+                          f"`mpiexec -n {p.dp} tensorlite-gpt {command_of(type(cfg))} --dp "
+                          f"{p.dp} ...`, or pass "
                           "--dp 1 to train in one process")
 
 

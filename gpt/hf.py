@@ -254,7 +254,7 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder holding ``config.json``: a Hugging Face model folder
     (tensorlite's run and data folders never hold one). Whether it can be loaded is for
     `load_pretrained` to say."""
-    path = Path(path)
+    path = Path(os.path.expanduser(str(path)))
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
@@ -474,6 +474,10 @@ def _read_weights(path: Path, config) -> dict:
             raise HFError(f"{path}: lm_head.weight differs from wte.weight (max |difference| "
                           f"{diff:.3g}): an untied LM head, which GPT-2 does not have and this "
                           "loader does not read")
+    broken = [n for n, a in arrays.items() if not np.isfinite(a).all()]
+    if broken:
+        raise HFError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values "
+                      f"({', '.join(broken[:5])}); the file is damaged or the model diverged")
     return arrays
 
 
@@ -492,7 +496,7 @@ def load_pretrained(folder: str | os.PathLike, device: str = "cpu", dtype=None,
     config.json's resid_pdrop. The tokenizer is `load_hf_tokenizer`'s."""
     import tensorlite as tl
     from .model import GPT
-    folder = Path(folder)
+    folder = Path(os.path.expanduser(str(folder)))
     hf = read_hf_config(folder)
     config = config_from_hf(hf, dropout, where=str(folder / CONFIG_FILE))
     arrays = _read_weights(_weights_file(folder), config)
@@ -508,7 +512,7 @@ def load_hf_tokenizer(folder: str | os.PathLike):
     folder `save_pretrained` wrote; with its chat tokens, if any), else tokenizer.json as an
     `HFTokenizer`."""
     from gpt.data.tokenizer import load_tokenizer
-    folder = Path(folder)
+    folder = Path(os.path.expanduser(str(folder)))
     section = (_read_json(folder / CONFIG_FILE).get(_SECTION) or {}) \
         if (folder / CONFIG_FILE).is_file() else {}
     spec = section.get("tokenizer") if isinstance(section, dict) else None
@@ -680,6 +684,14 @@ def config_to_hf(config, tokenizer=None, dtype: str = "float32") -> dict:
     return hf
 
 
+# what a model folder holds: what save_pretrained writes, and what a Hugging Face snapshot
+# of a GPT-2 model commonly has beside it
+_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+                 "tensorlite_tokenizer.json", "tokenizer_config.json", "vocab.json",
+                 "merges.txt", "special_tokens_map.json", "generation_config.json", "README.md",
+                 ".gitattributes"}
+
+
 def _holds_tensorlite_run(path: Path) -> bool:
     return (path / "ckpt").exists() or (path / "log.jsonl").exists() or (
         (path / "meta.json").is_file() and (path / "train.bin").exists())
@@ -695,7 +707,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _save_weights(arrays: dict, path: Path) -> None:
     """The one place that writes the safetensors file (tests replace it to simulate a crash)."""
     import safetensors.numpy as stn
+    from nn.checkpoint import readable_as_umask
     stn.save_file(arrays, str(path), metadata={"format": "pt"})
+    readable_as_umask(str(path))
 
 
 def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
@@ -714,7 +728,12 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
     if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
         raise HFError(f"save_pretrained: the tokenizer has {tokenizer.vocab_size} ids but the "
                       f"model's vocabulary only {c.vocab_size}; pass the model's own tokenizer")
-    target = Path(folder)
+    if not str(folder).strip():
+        raise HFError("the folder to write is empty; name one")
+    target = Path(os.path.expanduser(str(folder)))
+    if os.path.abspath(target) in (os.getcwd(), os.path.abspath(os.sep)):
+        raise HFError(f"{folder} is the current (or root) folder; name a new folder to write "
+                      "the model into")
     if target.exists():
         if not target.is_dir():
             raise HFError(f"{target} is a file; pass a folder to write the model into")
@@ -724,8 +743,14 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
         held = sorted(os.listdir(target))
         if held and not overwrite:
             shown = ", ".join(held[:6]) + (" ..." if len(held) > 6 else "")
-            raise HFError(f"{target} is not empty (it holds {shown}); pass overwrite=True (--overwrite) to "
-                          "replace it, or choose another folder")
+            raise HFError(f"{target} is not empty (it holds {shown}); pass overwrite=True "
+                          "(--overwrite) to replace it, or choose another folder")
+        others = [n for n in held if n not in _EXPORT_FILES]
+        if others:       # overwrite replaces a model folder, never a user's other files
+            shown = ", ".join(others[:6]) + (" ..." if len(others) > 6 else "")
+            raise HFError(f"{target} holds files that are not a model's ({shown}); overwrite "
+                          "only replaces a folder of config.json, model.safetensors and a "
+                          "tokenizer: choose another folder")
 
     # everything in memory and checked before the first write
     _, _, base_tok = _tokenizer_spec(tokenizer)
@@ -735,7 +760,11 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
     config_text = json.dumps(hf, indent=2, allow_nan=False) + "\n"
 
     parent = Path(os.path.abspath(target)).parent     # beside the target: renames stay in one folder
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HFError(f"cannot create {parent} for {target}: {e.strerror or e}; choose "
+                      "another folder") from None
     tmp = parent / f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}"
     old = None
     try:
@@ -754,11 +783,14 @@ def save_pretrained(model, folder: str | os.PathLike, tokenizer=None,
                 os.rmdir(target)
         os.rename(tmp, target)                 # the commit
         fsync_path(str(parent))
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():
             os.rename(old, target)             # put the old folder back
             old = None
+        if isinstance(e, OSError):
+            raise HFError(f"could not write {target}: {e.strerror or e}; choose another "
+                          "folder") from None
         raise
     if old is not None:
         if old.is_symlink():

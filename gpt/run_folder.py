@@ -258,7 +258,7 @@ def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
                     what: str = "--out", made_by: str = "train") -> Path:
     """The checkpoint folder of the run in ``out`` to load: ``which`` (best | latest), or
     best (else latest) by default; a damaged one is skipped for the other with a warning."""
-    out = Path(out)
+    out = Path(os.path.expanduser(str(out)))
     root = out / "ckpt"
     order = [which, "latest" if which == "best" else "best"] if which else ["best", "latest"]
     damaged = []
@@ -283,6 +283,10 @@ def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
     if (out / "meta.json").is_file() and (out / "train.bin").exists():
         raise TrainingError(f"{what} {out} is a prepared data folder, not a run: pass the "
                             "--out of a training run")
+    if (out / "model.safetensors").is_file():
+        raise TrainingError(f"{what} {out} holds model.safetensors but no config.json: a "
+                            "Hugging Face model folder needs both (config.json says what the "
+                            "weights are)")
     raise TrainingError(f"no checkpoint at {root}: {what} must be a trained run (train first: "
                         f"tensorlite-gpt {made_by} --out {out})")
 
@@ -303,6 +307,7 @@ def load_run(out: str | os.PathLike, which: str | None = None, device: str = "cp
     (gpt.hf: config.json, model.safetensors, the tokenizer)."""
     from .hf import is_hf_folder, load_hf_folder
     from .model import GPT, GPTConfig
+    out = os.path.expanduser(str(out))
     if is_hf_folder(out):           # a Hugging Face GPT-2 folder (config.json, safetensors)
         model, tok = load_hf_folder(out, device)
         return model, tok, {"config": model.config.to_dict(), "path": str(out),

@@ -34,7 +34,7 @@ from nn.schedule import warmup_cosine
 
 from .data.errors import DataError
 from .data.loader import BatchLoader
-from .config import TrainConfig
+from .config import TrainConfig, cli_name
 from .distributed import (stage_owners, agree_on_errors, check_same_options, check_world,
                           mpi_world)
 from .run_folder import (LOG_NAME, RUN_FILES, TrainingError, atomic_json, RunLog, NoLog,
@@ -297,6 +297,7 @@ class Trainer:
         self.eval_steps = min(cfg.eval_steps, self.val_loader.steps_per_epoch)
         self.step = 0
         self.best_val = float("inf")
+        self.best_step = None
         self.baseline = None
         self.last_ckpt: Path | None = None     # this run's newest checkpoint
         self.saved_step: int | None = None     # and its step
@@ -368,7 +369,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"step": self.step, "best_val": self.best_val,
+        return {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                 "loader": self.train_loader.state_dict(),
                 "rng": tl.default_generator.get_state(),
                 "train_config": {**asdict(self.cfg), "data": self.cfg.data and
@@ -505,6 +506,7 @@ class Trainer:
         self.step = int(extra["step"])
         best = extra.get("best_val")
         self.best_val = float("inf") if best is None else float(best)
+        self.best_step = extra.get("best_step")
         tl.default_generator.set_state(extra["rng"])
         self.last_ckpt, self.saved_step = path, self.step
         return path
@@ -517,14 +519,32 @@ class Trainer:
         differ = [k for k in keys if saved.get(k) != self.meta.get(k)]
         if differ:
             was = (extra.get("train_config") or {}).get("data")
+            opts = {k: (v, (self.meta.get("options") or {}).get(k)) for k, v in
+                    (saved.get("options") or {}).items()
+                    if (self.meta.get("options") or {}).get(k) != v}
+            same = (was is None and self.cfg.data is None) or bool(
+                was and self.cfg.data and os.path.abspath(self.cfg.data) == was)
+            if same and opts and "options" in differ:   # an option that shapes the data changed
+                raise ConfigError("--resume: " + ", ".join(
+                    f"{cli_name(k)} {now} (the run had {old})" for k, (old, now) in opts.items())
+                    + f" would change what the run learns from; resume {self.out} without "
+                    "changing it, "
+                    "or start a new run in another --out")
+            if was is None and self.cfg.data is None:
+                raise ConfigError(f"--resume: the embedded set is not what the run in "
+                                  f"{self.out} was trained on (its {', '.join(differ)} differ: "
+                                  "another Python's standard library?); start a new run in "
+                                  "another --out")
             if was and self.cfg.data and os.path.abspath(self.cfg.data) == was:
                 raise ConfigError(f"--resume: the data in {was} changed since the run in "
                                   f"{self.out} started (its {', '.join(differ)} differ); "
                                   "restore it, or train on it into another --out")
-            raise ConfigError(f"--resume: the run in {self.out} was trained on the data prepared "
-                              f"in {was}, but --data {self.cfg.data} holds other data (its "
-                              f"{', '.join(differ)} differ); pass --data {was}, or train into "
-                              "another --out")
+            what = lambda d: "the embedded set" if d is None else d     # noqa: E731
+            raise ConfigError(f"--resume: the run in {self.out} was trained on {what(was)}, but "
+                              f"--data {what(self.cfg.data)} holds other data (its "
+                              f"{', '.join(differ)} differ); "
+                              + (f"pass --data {was}" if was else "leave out --data")
+                              + ", or train into another --out")
         if saved_cfg != self.model_cfg:
             raise ConfigError(f"--resume: the checkpoint in {path} is for a different model "
                               f"({_diff(saved_cfg.to_dict(), self.model_cfg.to_dict())}); use the "
@@ -763,7 +783,9 @@ class Trainer:
             bar.close()
             log.close()
         summary = {"step": self.step, "checkpoint_step": self.saved_step,
-                   "best_val_loss": self.best_val, "unigram_baseline": self.baseline,
+                   "best_val_loss": self.best_val, "best_step": self.best_step,
+                   ("unigram_baseline" if self.baseline_label == "unigram baseline" else
+                    "baseline"): self.baseline, "baseline_label": self.baseline_label,
                    "interrupted": interrupted, "stopped": stopped, "out": str(self.out)}
         if self.is_main:
             with writing(self.out / "summary.json"):
@@ -798,7 +820,7 @@ class Trainer:
         if not math.isfinite(val):
             return val
         if val < self.best_val:
-            self.best_val = val
+            self.best_val, self.best_step = val, self.step
             self.save("best")
         if self.is_main:
             with writing(self.out / "loss.png"):

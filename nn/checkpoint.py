@@ -114,6 +114,15 @@ def _tmp_name(final: str) -> str:
 def _save_file(arrays: dict, path: str, metadata) -> None:
     """The one place that calls safetensors to write (tests replace it to simulate a crash)."""
     _stn.save_file(arrays, path, metadata=metadata)
+    readable_as_umask(path)
+
+
+def readable_as_umask(path: str) -> None:
+    """safetensors writes files 0600 (through a private temporary file); give them the mode
+    any other file gets here (0666 less the umask), so a shared checkpoint is readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _write_text_atomic(path: str, text: str) -> None:

@@ -213,7 +213,8 @@ def test_sft_on_the_embedded_set_writes_the_run_and_learns(base, ref):
                      re.M)
     assert held, text
     m = re.search(r"held-out answer loss: (\d+\.\d+) before \(the base model\) -> (\d+\.\d+) "
-                  r"after \(best\); (\d+) held-out rows, (\d+) answer tokens", text)
+                  r"after \(the best checkpoint, step \d+\); on (\d+) of the (\d+) held-out "
+                  r"rows \((\d+) answer tokens", text)
     assert m, text
     before, after = float(m.group(1)), float(m.group(2))
     assert after < before - 0.05, text
@@ -227,9 +228,9 @@ def test_sft_on_the_embedded_set_writes_the_run_and_learns(base, ref):
     # the "before" is the base model's mean loss over every held-out answer token
     rows, tokens, loss = _heldout_reference(base)
     assert (int(held.group(2)), int(held.group(3))) == (rows, tokens)
-    assert (int(m.group(3)), int(m.group(4))) == (rows, tokens)
+    assert (int(m.group(3)), int(m.group(4)), int(m.group(5))) == (rows, rows, tokens)
     summary = _strict_json((out / "summary.json").read_text())
-    assert abs(summary["unigram_baseline"] - loss) <= 1e-9, (summary, loss)
+    assert abs(summary["baseline"] - loss) <= 1e-9, (summary, loss)
     assert f"{loss:.4f}" == m.group(1)
     assert summary["step"] == 12 and summary["interrupted"] is False
     assert abs(summary["best_val_loss"] - after) <= 5e-5
@@ -583,5 +584,5 @@ def test_sft_on_a_jsonl_file_learns(base, tmp_path, capsys):
             f"learned tokens; 0 truncated") in cap.out
     summary = _strict_json((out / "summary.json").read_text())
     vals = [r["val_loss"] for r in _log(out) if "val_loss" in r]
-    assert len(vals) == 3 and vals[-1] < vals[0] < summary["unigram_baseline"]
-    assert summary["best_val_loss"] < 0.7 * summary["unigram_baseline"], summary
+    assert len(vals) == 3 and vals[-1] < vals[0] < summary["baseline"]
+    assert summary["best_val_loss"] < 0.7 * summary["baseline"], summary

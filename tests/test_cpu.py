@@ -46,9 +46,10 @@ def test_matmul_pair_equals_numpy(n_rows, threads):
     x = rng.standard_normal((n_rows, 80)).astype(np.float32)
     for n in (1, 2):
         threads(n)
-        gx, gw = cpu.matmul_pair(g, w, g.T, x)
+        gx, gw, gb = cpu.matmul_pair(g, w, g.T, x, sum_a2=True)
         np.testing.assert_allclose(gx, g @ w, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(gw, g.T @ x, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(gb, g.sum(axis=0), rtol=1e-5, atol=1e-4)
 
 
 def test_for_rows_covers_every_row_once(threads):

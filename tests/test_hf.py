@@ -390,16 +390,20 @@ def test_save_never_leaves_a_half_written_folder(tmp_path, monkeypatch):
     (target / "notes.txt").write_text("mine")
     with pytest.raises(hf.HFError, match=r"not empty \(it holds notes.txt\); pass overwrite=True"):
         model.save_pretrained(target)
+    with pytest.raises(hf.HFError, match=r"holds files that are not a model's \(notes.txt\)"):
+        model.save_pretrained(target, overwrite=True)          # a user's files are never replaced
+    (target / "notes.txt").unlink()
+    (target / "config.json").write_text("{}")                  # an older export
 
     def crash(arrays, path):                       # the disk fills halfway through the weights
         path.write_bytes(b"\x00" * 100)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(hf, "_save_weights", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(hf.HFError, match="could not write .*No space left"):
         model.save_pretrained(target, overwrite=True)
-    assert os.listdir(target) == ["notes.txt"]                 # the old folder, untouched
-    with pytest.raises(OSError):
+    assert os.listdir(target) == ["config.json"]               # the old folder, untouched
+    with pytest.raises(hf.HFError):
         model.save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]      # no temporary folder left

@@ -1,8 +1,9 @@
 """Talking to a fine-tuned model: the conversation so far, rendered by the template, then
 <|assistant|>; the model's tokens are streamed (with the KV cache) until it emits <|end|>.
 
-`tensorlite-gpt chat --out RUN` is an interactive loop over `stream_answer`; `--prompt`
-answers one turn and exits. Ctrl-C while the model answers ends that answer (what was
+`tensorlite-gpt chat --out RUN` is an interactive loop over `stream_answer` (a line that ends
+with a backslash goes on to the next, for messages of several lines); `--prompt` answers one
+turn and exits. Ctrl-C while the model answers ends that answer (what was
 said so far stays in the conversation), not the program; /reset forgets the conversation,
 /exit or Ctrl-D leaves.
 """
@@ -84,11 +85,13 @@ def chat_loop(model, tok: ChatTokenizer, system: str | None, max_new_tokens: int
     if prompt is not None:
         turn(prompt)
         return msgs
-    write("chat: type a message; /reset forgets the conversation, /exit or Ctrl-D leaves; "
-          "Ctrl-C stops an answer\n")
+    write("chat: type a message (end a line with \\ to go on to the next one); /reset forgets "
+          "the conversation, /exit or Ctrl-D leaves; Ctrl-C stops an answer\n")
     while True:
         try:
             text = read("you> ")
+            while text.endswith("\\"):           # a message of several lines
+                text = text[:-1] + "\n" + read("...  ")
         except EOFError:
             write("\n")
             return msgs

@@ -226,6 +226,10 @@ def _sft_record(obj: dict, source: str) -> Conversation:
 
 
 def _dpo_record(obj: dict, source: str) -> Preference:
+    if "chosen" not in obj and ("response" in obj or "messages" in obj):
+        raise _BadLine("an SFT example (prompt/response or messages), not a preference pair: "
+                       "DPO needs \"prompt\", \"chosen\" and \"rejected\" (give this file to "
+                       "tensorlite-gpt sft)")
     prompt, chosen, rejected = (_text(obj, k) for k in ("prompt", "chosen", "rejected"))
     if chosen == rejected:
         raise _BadLine("'chosen' and 'rejected' are the same text: nothing to prefer")
@@ -454,7 +458,7 @@ def _split(max_chars: int, heldout_percent: int, _root) -> tuple[list[Function],
         report = stdlib_report(_root=_root)
         raise DataError(
             f"no function of the {report.files} files under {report.root} fits max_chars={max_chars} "
-            f"({report.functions} documented functions before that limit): raise max_chars"
+            f"({report.functions} documented functions before that limit): raise --max-chars"
         )
     train = [f for f in functions if not is_heldout(f.path, heldout_percent)]
     heldout = [f for f in functions if is_heldout(f.path, heldout_percent)]

@@ -145,7 +145,8 @@ class DPOTrainer(SFTTrainer):
                 raise DataError(f"no {what} pair fits: {pairs[4].line(what)}; use a base model "
                                 "with a longer block or shorter examples")
         return {"corpus": source, "options": {"block_size": bs, "beta": cfg.beta,
-                                              "heldout_percent": cfg.heldout_percent},
+                                              "heldout_percent": cfg.heldout_percent,
+                                              "max_chars": cfg.max_chars},
                 "tokenizer": _tokenizer_meta(tok), "vocab_size": tok.vocab_size,
                 "train": {"pairs": len(self.pairs[0]), "sha256": _sha(*self.pairs[:4])},
                 "val": {"pairs": len(self.val_pairs[0]), "sha256": _sha(*self.val_pairs[:4])}}
@@ -154,11 +155,14 @@ class DPOTrainer(SFTTrainer):
         """The frozen reference: the base run's weights (with the chat tokens grown)."""
         cfg = self.cfg
         try:
-            _, base_tok, self.base_ckpt = read_base(cfg.base, self.say)
+            _, base_tok, self.base_ckpt = read_base(cfg.base, self.say, made_by="sft")
         except (TrainingError, CheckpointError) as e:
             raise TrainingError(f"DPO needs its reference model, the --base run: {e}") from None
-        if self._grown is None and not isinstance(base_tok, ChatTokenizer):
+        if not isinstance(base_tok, ChatTokenizer):
             self._grown = (self.tokenizer.base_vocab_size, self.tokenizer.vocab_size)
+            self.say(f"note: --base {cfg.base} was not fine-tuned (it has no chat tokens): DPO "
+                     "usually starts from an SFT run (tensorlite-gpt sft), which also serves "
+                     "as the reference")
         ref = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
         ref.load_state_dict(self._base_weights())
         return ref
@@ -176,6 +180,7 @@ class DPOTrainer(SFTTrainer):
         (Xc, Yc, Xr, Yr, _), (rc, rr) = self.val_pairs, refs[1]
         val = PairLoader(Xc, Yc, Xr, Yr, rc, rr, cfg.batch_size, mode="sequential")
         self._stats = np.zeros(3)                   # margin sum, correct, pairs (this rank)
+        self._val_by_step = {}                      # step -> held-out numbers
         return train, val
 
     def _pair_logps(self, batch):
@@ -229,6 +234,7 @@ class DPOTrainer(SFTTrainer):
         return float(np.logaddexp(0.0, -z).mean())          # -log sigmoid(z)
 
     def _val_extra(self) -> dict:
+        self._val_by_step[self.step] = dict(self._val)
         return {k: round(v, 5) for k, v in self._val.items()}
 
     def _baseline(self) -> float:
@@ -247,12 +253,16 @@ def dpo(cfg: DPOConfig, say=print) -> dict:
         say(pairs[4].line(what))
     summary = trainer.run()
     if not summary["interrupted"]:
-        a, b = trainer._val_start, trainer._val
-        summary.update({"val_start": a, "val_end": b})
-        say(f"\nheld-out pairs ({len(trainer.val_pairs[0])}): reward margin "
-            f"{a['val_margin']:.4f} -> {b['val_margin']:.4f}, reward accuracy "
-            f"{a['val_accuracy']:.1%} -> {b['val_accuracy']:.1%}, chosen more likely than "
-            f"rejected {a['val_logp_accuracy']:.1%} -> {b['val_logp_accuracy']:.1%} "
-            "(the reference -> the tuned model)")
+        step = summary["best_step"]
+        a, b = trainer._val_start, trainer._val_by_step.get(step)
+        if b is None:                  # the best was evaluated before a resume: the last
+            step, b = trainer.step, trainer._val
+        n = sum(len(trainer.val_loader.get_batch(i)[0]) for i in range(trainer.eval_steps))
+        summary.update({"val_start": a, "val_best": b})
+        say(f"\nheld-out pairs ({n} of {len(trainer.val_pairs[0])}; the reference -> the tuned "
+            f"model at step {step}): reward margin {a['val_margin']:.4f} -> "
+            f"{b['val_margin']:.4f}, reward accuracy {a['val_accuracy']:.1%} -> "
+            f"{b['val_accuracy']:.1%}, chosen more likely than rejected "
+            f"{a['val_logp_accuracy']:.1%} -> {b['val_logp_accuracy']:.1%}")
     return summary
 

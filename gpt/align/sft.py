@@ -213,13 +213,13 @@ def load_conversations(cfg: SFTConfig, say=print):
 
 
 # ------------------------------------------------------------------------------ weights
-def read_base(base: str, say=print):
+def read_base(base: str, say=print, made_by: str = "train"):
     """(model config, tokenizer, checkpoint folder) of --base: a run folder (its best, else
     latest, checkpoint) or a Hugging Face GPT-2 folder (checkpoint None)."""
     from gpt.hf import is_hf_folder, load_hf_tokenizer, read_hf_config, config_from_hf
     if is_hf_folder(base):
         return config_from_hf(read_hf_config(base)), load_hf_tokenizer(base), None
-    path = pick_checkpoint(base, None, say, what="--base")
+    path = pick_checkpoint(base, None, say, what="--base", made_by=made_by)
     return (GPTConfig.from_dict(ckpt.load_checkpoint(path)["config"]), load_tokenizer_of(base),
             path)
 
@@ -291,7 +291,7 @@ class SFTTrainer(Trainer):
                 raise DataError(f"no {what} conversation fits: {rep.line(what)}; use a base "
                                 "model with a longer block or shorter examples")
         options = {"pack": cfg.pack, "block_size": bs, "heldout_percent": cfg.heldout_percent,
-                   "strict": cfg.strict}
+                   "strict": cfg.strict, "max_chars": cfg.max_chars}
         return {"corpus": source, "options": options, "tokenizer": _tokenizer_meta(tok),
                 "vocab_size": tok.vocab_size,
                 "train": {"rows": len(self.rows[0]), "sha256": _sha(*self.rows[:2])},
@@ -354,6 +354,11 @@ class SFTTrainer(Trainer):
         self.model.train(was)
         return total / max(count, 1)
 
+    def evaluated(self) -> tuple:
+        """(rows, learned tokens) that each evaluation covers."""
+        n = sum(len(self.val_loader.get_batch(i)[0]) for i in range(self.eval_steps))
+        return n, int((self.val_loader.Y[:n] != IGNORE).sum())
+
     def _baseline(self) -> float:
         """The held-out loss before fine-tuning (the base model; saved with the run)."""
         if self.resumed_from is not None:
@@ -407,13 +412,14 @@ def sft(cfg: SFTConfig, say=print) -> dict:
     for (_, _, rep), what in ((trainer.rows, "training"), (trainer.val_rows, "held-out")):
         say(rep.line(what))
     summary = trainer.run()
-    summary["baseline_label"] = "held-out loss of the base model"
     if trainer.pipe is not None:
         trainer._sync_pipeline()
     if not summary["interrupted"]:
-        say(f"\nheld-out answer loss: {summary['unigram_baseline']:.4f} before (the base model) "
-            f"-> {summary['best_val_loss']:.4f} after (best); {len(trainer.val_rows[0])} "
-            f"held-out rows, {trainer.val_rows[2].learned} answer tokens")
+        rows, tokens = trainer.evaluated()
+        say(f"\nheld-out answer loss: {summary['baseline']:.4f} before (the base model) "
+            f"-> {summary['best_val_loss']:.4f} after (the best checkpoint, step "
+            f"{summary['best_step']}); on {rows} of the {len(trainer.val_rows[0])} held-out rows "
+            f"({tokens} answer tokens; --eval-steps x --batch-size)")
     if cfg.samples and not summary["interrupted"] and (trainer.is_main or trainer.tp):
         rows = compare(trainer, cfg.base, cfg.samples, cfg.sample_tokens, say)
         if trainer.is_main:
@@ -422,7 +428,8 @@ def sft(cfg: SFTConfig, say=print) -> dict:
                 if r["base"] is not None:
                     say("--- base model (continuing the raw prompt):\n" + r["base"].rstrip())
                 say("--- tuned model (answering in the chat template):\n" + r["tuned"].rstrip())
-                say("--- the true body:\n" + r["truth"].rstrip())
+                say(("--- the true body:\n" if cfg.data is None else "--- the answer in the data:\n")
+                    + r["truth"].rstrip())
             if rows and trainer.is_main:
                 with writing(trainer.out / "samples.json"):
                     atomic_json(trainer.out / "samples.json", json_safe(rows))
