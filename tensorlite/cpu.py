@@ -316,9 +316,10 @@ def _split(n: int, k: int):
     return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
 
 
-def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """``a @ b`` for 2-D or batched (same leading dims) NumPy arrays, split over threads:
-    rows of ``a`` for a 2-D product, the batch for a batched one."""
+    rows of ``a`` for a 2-D product, the batch for a batched one. ``bias`` (2-D only): added
+    to each thread's rows right after its product, while they are in cache."""
     if not _configured:
         configure()
     n = get_num_threads()
@@ -326,16 +327,20 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         m = a.shape[0]
         out = np.empty((m, b.shape[-1]), dtype=np.result_type(a, b))
         flops = 2.0 * a.size * b.shape[-1]
+        def rows(lo, hi):
+            np.matmul(a[lo:hi], b, out=out[lo:hi])
+            if bias is not None:
+                out[lo:hi] += bias
         if n > 1 and m >= 2 * n and flops >= MIN_PARALLEL_FLOPS:
             with single_threaded_blas():      # rows of a, one slice per thread
-                _run_parts(lambda lo, hi: np.matmul(a[lo:hi], b, out=out[lo:hi]), _split(m, n))
+                _run_parts(rows, _split(m, n))
         elif n > 1 and m < 2 * n and flops >= MIN_PARALLEL_FLOPS_FEW_ROWS:
             # decoding (a vector times a matrix): OpenBLAS's own threads split it with less
             # overhead than our pool (measured: 547 vs 430 tokens/s on the small GPT)
             with blas_threads(n):
-                np.matmul(a, b, out=out)
+                rows(0, m)
         else:
-            np.matmul(a, b, out=out)
+            rows(0, m)
         return out
     lead = a.shape[:-2]
     if b.shape[:-2] != lead:
@@ -353,27 +358,31 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out.reshape(lead + out.shape[-2:])
 
 
-def matmul_pair(a1, b1, a2, b2):
-    """``(a1 @ b1, a2 @ b2)`` for 2-D NumPy arrays: the two products side by side, one per
-    thread with single-threaded BLAS, when there are two threads and both are large enough
-    to pay for the hand-off (a Linear's input and weight gradients: equal FLOPs). One
-    hand-off instead of two, and each GEMM whole instead of cut into thinner slices.
-    Otherwise one after the other through ``matmul``."""
+def matmul_pair(a1, b1, a2, b2, sum_a2: bool = False):
+    """``(a1 @ b1, a2 @ b2, a2.sum(axis=1) if sum_a2 else None)`` for 2-D NumPy arrays: the
+    two products side by side, one per thread with single-threaded BLAS, when there are two
+    threads and both are large enough to pay for the hand-off (a Linear's input and weight
+    gradients: equal FLOPs; the sum is its bias gradient). One hand-off instead of two, and
+    each GEMM whole instead of cut into thinner slices. Otherwise one after the other."""
     if not _configured:
         configure()
     f1 = 2.0 * a1.size * b1.shape[-1]
     f2 = 2.0 * a2.size * b2.shape[-1]
     if get_num_threads() < 2 or min(f1, f2) < MIN_PARALLEL_FLOPS:
-        return matmul(a1, b1), matmul(a2, b2)
+        return matmul(a1, b1), matmul(a2, b2), (a2.sum(axis=1) if sum_a2 else None)
     out = [np.empty((a1.shape[0], b1.shape[1]), np.result_type(a1, b1)),
-           np.empty((a2.shape[0], b2.shape[1]), np.result_type(a2, b2))]
-    pairs = ((a1, b1), (a2, b2))
+           np.empty((a2.shape[0], b2.shape[1]), np.result_type(a2, b2)), None]
 
     def part(i, _):
-        np.matmul(*pairs[i], out=out[i])
+        if i == 0:
+            np.matmul(a1, b1, out=out[0])
+        else:
+            np.matmul(a2, b2, out=out[1])
+            if sum_a2:
+                out[2] = a2.sum(axis=1)
     with single_threaded_blas():
         _run_parts(part, [(0, 1), (1, 2)])
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def for_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = None) -> None:

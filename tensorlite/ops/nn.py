@@ -83,11 +83,11 @@ def logsumexp(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
 
 
 # ============================================================================ helpers
-def mm(a, b):
-    """a @ b: on NumPy through tensorlite's thread pool (see tensorlite/cpu.py)."""
+def mm(a, b, bias=None):
+    """a @ b (+ bias): on NumPy through tensorlite's thread pool (see tensorlite/cpu.py)."""
     if type(a) is np.ndarray and type(b) is np.ndarray:
-        return cpu.matmul(a, b)
-    return a @ b
+        return cpu.matmul(a, b, bias)
+    return a @ b if bias is None else a @ b + bias
 
 
 def _rows2d(a):
@@ -107,22 +107,20 @@ class Linear(Function):
 
     def forward(self, x, w, b=None):
         self.x, self.w, self.has_b = x, w, b is not None
-        y = mm(_rows2d(x), w.T)                               # (N, in) @ (in, out)
-        if b is not None:
-            y += b
+        y = mm(_rows2d(x), w.T, b)                            # (N, in) @ (in, out) + b
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
     def backward(self, g):
         x, w = self.x, self.w
         g2, x2 = _rows2d(g), _rows2d(x)                       # (N, out), (N, in)
         need_x, need_w = self.needs_input_grad[:2]
+        need_b = self.has_b and self.needs_input_grad[2]
         if need_x and need_w and type(g2) is np.ndarray:      # both at once, a thread each
-            gx, gw = cpu.matmul_pair(g2, w, g2.T, x2)
-            gx = gx.reshape(x.shape)
-        else:
-            gx = mm(g2, w).reshape(x.shape) if need_x else None     # (N, out) @ (out, in)
-            gw = mm(g2.T, x2) if need_w else None                   # (out, N) @ (N, in)
-        gb = g2.sum(axis=0) if self.has_b and self.needs_input_grad[2] else None
+            gx, gw, gb = cpu.matmul_pair(g2, w, g2.T, x2, sum_a2=need_b)
+            return gx.reshape(x.shape), gw, gb
+        gx = mm(g2, w).reshape(x.shape) if need_x else None     # (N, out) @ (out, in)
+        gw = mm(g2.T, x2) if need_w else None                   # (out, N) @ (N, in)
+        gb = g2.sum(axis=0) if need_b else None
         return gx, gw, gb
 
 
