@@ -36,11 +36,11 @@ all-reduces inside Forward and Backward, the loss broadcast); **compute** = the 
 share is a rank's median over the steps; the table gives the max and mean over ranks of the
 communication share, and means over ranks of the others.
 
-With ``--repeats R`` everything runs R times, interleaved, and the medians are over the timed
-steps of all repeats. ``others' load``: the cores other processes kept busy meanwhile
-(`bench.benchutil.CpuMonitor`; the most over the repeats): on a 2-core machine a run with more
-than ~0.15 is not to be trusted. A markdown table is printed; ``--json`` keeps every rank's
-every step.
+``others' load``: the cores other processes kept busy meanwhile (`bench.benchutil.CpuMonitor`):
+on a 2-core machine a run with more than ~0.15 is not to be trusted. With ``--repeats R``
+everything runs R times, interleaved, and the medians are over the timed steps of the repeats
+during which others used under 0.15 cores (all of them if none was that quiet; the table says
+how many were kept). A markdown table is printed; ``--json`` keeps every rank's every step.
 """
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ LAYOUTS = {
     4: [dict(dp=4), dict(dp=2, tp=2), dict(tp=2, pp=2), dict(dp=2, pp=2),
         dict(dp=2, tp=2, zero=1), dict(dp=2, pp=2, zero=1)],
 }
+QUIET = 0.15          # other processes' cores below which a run counts as undisturbed
 PARTS = ("forward_backward", "reduce_gradients", "clip", "optimizer_step")
 CORPUS = ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "argparse.py")
 
@@ -252,7 +253,8 @@ def table(res: dict) -> str:
             f"| {pct(b['predicted']) if b else ''} "
             f"| {' '.join(f'{100 * v:.0f}' for v in b['per_stage']) + ' %' if b else ''} "
             f"| {pct(s['bubble_share_of_step']) if b else ''} | {pct(s['compute_share'])} "
-            f"| {s['loss']:.5f} | {r['others']:.2f} |")
+            f"| {s['loss']:.5f} | {r['others']:.2f}"
+            + (f" ({r['kept']} of {r['repeats']})" if r.get("repeats", 1) > 1 else "") + " |")
     comm = ["| layout | fwd+bwd ms | reduce ms | clip ms | optimizer ms | blocked in, ms per "
             "step (mean over ranks) | handed to MPI, MB per step |",
             "|---|---:|---:|---:|---:|---|---|"]
@@ -289,12 +291,15 @@ def _run(cmd, env, wait_quiet) -> list:
     return [{**r, "others": mon.other_cores} for r in json.loads(lines[0][len("RESULT "):])]
 
 
-def pool(runs: list) -> dict:
-    """One layout's repeats as one run: the timed steps of all of them, side by side;
-    ``others``: the most other processes used during any of them."""
-    out = dict(runs[0], repeats=len(runs), others=max(r["others"] for r in runs),
-               others_per_repeat=[r["others"] for r in runs])
-    out["per_rank"] = np.concatenate([np.array(r["per_rank"]) for r in runs], axis=1).tolist()
+def pool(runs: list, quiet: float = QUIET) -> dict:
+    """One layout's repeats as one run: the timed steps of those during which other processes
+    kept fewer than ``quiet`` cores busy (all of them when none was that quiet), side by side.
+    ``others``: the most other processes used during a repeat kept; ``repeats_raw``: every
+    repeat's own numbers."""
+    kept = [r for r in runs if r["others"] < quiet] or runs
+    out = dict(runs[0], repeats=len(runs), kept=len(kept), others=max(r["others"] for r in kept),
+               repeats_raw=[{"others": r["others"], "per_rank": r["per_rank"]} for r in runs])
+    out["per_rank"] = np.concatenate([np.array(r["per_rank"]) for r in kept], axis=1).tolist()
     return out
 
 
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
                          "it, cores / local ranks)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run everything this many times, interleaved, and take the medians "
-                         "over the timed steps of all of them (default 1)")
+                         "over the timed steps of the quiet repeats (default 1)")
     ap.add_argument("--data", help="a prepared data folder (default: a small one with the byte "
                                    "tokenizer, made in a temporary directory)")
     ap.add_argument("--json", help="write every rank's every step here")

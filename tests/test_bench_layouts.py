@@ -105,3 +105,14 @@ def test_the_shares_of_a_step_add_up_on_made_up_numbers():
     assert s["bubble"]["per_stage"] == pytest.approx([0.2 / 0.7] * 2)
     assert s["comm_ms"]["recv"] == pytest.approx(100) and s["comm_mb"]["recv"] == 2.0
     assert bl.flags({"dp": 2, "pp_schedule": "gpipe"}) == "--dp 2 --pp-schedule gpipe"
+
+
+def test_repeats_pool_the_steps_of_the_quiet_ones():
+    def run(others, step):                                 # one rank, two steps
+        return {"layout": "--dp 2", "others": others, "per_rank": [[[step], [step]]]}
+    p = bl.pool([run(0.6, 9.0), run(0.01, 1.0), run(0.1, 2.0)])
+    assert (p["repeats"], p["kept"], p["others"]) == (3, 2, 0.1)
+    assert p["per_rank"] == [[[1.0], [1.0], [2.0], [2.0]]]
+    assert [r["others"] for r in p["repeats_raw"]] == [0.6, 0.01, 0.1]
+    busy = bl.pool([run(0.6, 9.0), run(0.5, 8.0)])         # none quiet: all of them
+    assert busy["kept"] == 2 and busy["per_rank"] == [[[9.0], [9.0], [8.0], [8.0]]]
