@@ -8,6 +8,7 @@ from __future__ import annotations
 import tensorlite as tl
 from tensorlite import backend
 from tensorlite.ops import nn as ops
+from tensorlite.ops.mlp import FeedForwardGELU
 from tensorlite.ops.elementwise import check_same_device
 from tensorlite.tensor import Tensor
 
@@ -35,6 +36,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is None:
         return ops.Linear.apply(x, weight)
     return ops.Linear.apply(x, weight, bias)
+
+
+def feed_forward_gelu(x: Tensor, w1: Tensor, b1, w2: Tensor, b2) -> Tensor:
+    """gelu_tanh(x w1^T + b1) w2^T + b2 as one op (tensorlite/ops/mlp.py): the MLP of a
+    GPT-2 block. x: (..., C), w1: (H, C), w2: (C_out, H); biases (H,), (C_out,) or None."""
+    _need_float("feed_forward_gelu", x)
+    if x.shape[-1:] != w1.shape[1:] or w2.shape[1:] != w1.shape[:1]:
+        raise ValueError(f"feed_forward_gelu: input {x.shape}, w1 {w1.shape} and w2 {w2.shape} "
+                         f"do not chain (need (..., C), (H, C), (C_out, H))")
+    check_same_device("feed_forward_gelu", x, w1, b1, w2, b2)
+    return FeedForwardGELU.apply(x, w1, b1, w2, b2)
 
 
 def relu(x: Tensor) -> Tensor:

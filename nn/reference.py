@@ -21,6 +21,11 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + (math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)).tanh())
 
 
+def feed_forward_gelu(x, w1, b1, w2, b2):
+    """The transformer's MLP: Linear -> GELU (tanh) -> Linear (ops.FeedForwardGELU fused)."""
+    return linear(gelu_tanh(linear(x, w1, b1)), w2, b2)
+
+
 def layer_norm(x, w=None, b=None, eps=1e-5):
     mu = x.mean(dim=-1, keepdim=True)
     var = ((x - mu) ** 2).mean(dim=-1, keepdim=True)

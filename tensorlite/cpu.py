@@ -358,6 +358,20 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.n
     return out.reshape(lead + out.shape[-2:])
 
 
+def rows_per_thread(n_rows: int, row_elems: int) -> int:
+    """A ``block`` for ``for_rows``/``map_rows`` that gives each thread one block of rows: for
+    kernels that multiply matrices (a GEMM wants its rows together) and cut their own
+    elementwise work into cache-sized pieces (``row_blocks``)."""
+    n = get_num_threads()
+    return max(1, -(-n_rows // n)) * max(row_elems, 1)
+
+
+def row_blocks(lo: int, hi: int, row_elems: int):
+    """(a, b) pieces of rows lo..hi of ~BLOCK_ELEMS elements each."""
+    step = max(1, BLOCK_ELEMS // max(row_elems, 1))
+    return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+
+
 def matmul_pair(a1, b1, a2, b2, sum_a2: bool = False):
     """``(a1 @ b1, a2 @ b2, a2.sum(axis=1) if sum_a2 else None)`` for 2-D NumPy arrays: the
     two products side by side, one per thread with single-threaded BLAS, when there are two
@@ -411,7 +425,7 @@ def for_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = Non
             _run_parts(run, _split(n_rows, n))
 
 
-def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
+def map_rows(kernel, n_rows: int, row_elems: int, xp=np, block: int | None = None):
     """Like ``for_rows`` for kernels that also return partial sums (e.g. a LayerNorm weight
     gradient summed over rows): ``kernel(lo, hi)`` returns a tuple of arrays; the tuples of
     all blocks are added up in block order (so the result does not depend on which thread
@@ -422,7 +436,7 @@ def map_rows(kernel, n_rows: int, row_elems: int, xp=np):
 
     def k(lo, hi):
         parts[lo] = kernel(lo, hi)   # distinct keys: no lock needed for dict item writes
-    for_rows(k, n_rows, row_elems, xp)
+    for_rows(k, n_rows, row_elems, xp, block)
     blocks = [parts[lo] for lo in sorted(parts)]
     totals = [p.copy() for p in blocks[0]]
     for blk in blocks[1:]:

@@ -48,6 +48,50 @@ def test_gelu_tanh_and_exact(rng):
     np.testing.assert_allclose(F.gelu(x).numpy().ravel(), ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_feed_forward_gelu_matches_reference_and_gradchecks(rng, bias):
+    x, w1, w2 = t64(rng, 2, 3, 4), t64(rng, 8, 4), t64(rng, 5, 8)
+    b1, b2 = (t64(rng, 8), t64(rng, 5)) if bias else (None, None)
+    ins = [x, w1, w2] + ([b1, b2] if bias else [])
+
+    def fused(x, w1, w2, b1=None, b2=None):
+        return F.feed_forward_gelu(x, w1, b1, w2, b2)
+
+    def ref(x, w1, w2, b1=None, b2=None):
+        return R.feed_forward_gelu(x, w1, b1, w2, b2)
+    assert_fused_equals_reference(fused, ref, ins, rtol=1e-12, atol=1e-13)
+    assert tl.gradcheck(fused, ins, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_feed_forward_gelu_large_matches_reference_on_threads(rng, threads):
+    # big enough for the threaded path: rows split per thread, GELU in cache-sized pieces,
+    # weight gradients summed over the threads' rows
+    from tensorlite import cpu
+    before = cpu.get_num_threads()
+    cpu.set_num_threads(threads)
+    try:
+        ins = [t64(rng, 3, 700, 64), t64(rng, 256, 64, scale=0.2), t64(rng, 256),
+               t64(rng, 48, 256, scale=0.1), t64(rng, 48)]
+        assert_fused_equals_reference(F.feed_forward_gelu, R.feed_forward_gelu, ins,
+                                      rtol=1e-10, atol=1e-11)
+    finally:
+        cpu.set_num_threads(before)
+
+
+def test_feed_forward_module_fuses_only_the_plain_case(rng):
+    ff = nn.FeedForward(6, 12)
+    x = tl.tensor(rng.standard_normal((2, 3, 6)).astype(np.float32), requires_grad=True)
+    assert ff(x).grad_fn.name == "FeedForwardGELU"
+    y = ff.proj(F.gelu(ff.fc(x), "tanh"))
+    np.testing.assert_allclose(ff(x).numpy(), y.numpy(), rtol=1e-6, atol=1e-7)
+    seen = []
+    object.__setattr__(ff.fc, "forward", lambda x: seen.append(1) or F.linear(x, ff.fc.weight,
+                                                                               ff.fc.bias))
+    assert ff(x).grad_fn.name == "Linear" and seen       # a wrapped fc is called
+    assert nn.FeedForward(6, 12, activation="relu")(x).grad_fn.name == "Linear"
+
+
 def test_silu_relu(rng):
     x = t64(rng, 4, 5)
     np.testing.assert_allclose(F.silu(x).numpy(), x.numpy() / (1 + np.exp(-x.numpy())))

@@ -129,6 +129,43 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 
 
+def gelu_tanh_into(x, out):
+    """out = 0.5 x (1 + tanh(c (x + a x^3))), elementwise on a block (``out`` may be ``x``)."""
+    xp = backend.xp_of(x)
+    t = x * x
+    t *= _GELU_A
+    t += 1.0
+    t *= x
+    t *= _GELU_C
+    xp.tanh(t, out=t)
+    t += 1.0
+    t *= x
+    xp.multiply(t, 0.5, out=out)
+
+
+def gelu_tanh_grad_into(x, g, out):
+    """out = g * d gelu_tanh(x) / dx on a block (``out`` may be ``g``):
+    0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3))."""
+    xp = backend.xp_of(x)
+    xsq = x * x
+    t = xsq * _GELU_A
+    t += 1.0
+    t *= x
+    t *= _GELU_C
+    xp.tanh(t, out=t)                       # t
+    xsq *= 3 * _GELU_A
+    xsq += 1.0
+    xsq *= _GELU_C                          # c (1 + 3 a x^2)
+    d = t * t
+    xp.subtract(1.0, d, out=d)
+    d *= x
+    d *= xsq                                # x (1 - t^2) c (1 + 3 a x^2)
+    d += t
+    d += 1.0
+    d *= 0.5
+    xp.multiply(d, g, out=out)
+
+
 class GELUTanh(Function):
     """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(c (x + a x^3))).
 
@@ -142,46 +179,16 @@ class GELUTanh(Function):
         self.x = x
         x2 = _rows2d(x)
         out = xp.empty_like(x2)
-
-        def kernel(lo, hi):
-            xb = x2[lo:hi]
-            t = xb * xb
-            t *= _GELU_A
-            t += 1.0
-            t *= xb
-            t *= _GELU_C
-            xp.tanh(t, out=t)
-            t += 1.0
-            t *= xb
-            xp.multiply(t, 0.5, out=out[lo:hi])
-        cpu.for_rows(kernel, x2.shape[0], x2.shape[1], xp)
+        cpu.for_rows(lambda lo, hi: gelu_tanh_into(x2[lo:hi], out[lo:hi]),
+                     x2.shape[0], x2.shape[1], xp)
         return out.reshape(x.shape)
 
     def backward(self, g):
         xp = backend.xp_of(g)
         x2, g2 = _rows2d(self.x), _rows2d(g)
         gx = xp.empty_like(x2)
-
-        def kernel(lo, hi):
-            xb, gb = x2[lo:hi], g2[lo:hi]
-            xsq = xb * xb
-            t = xsq * _GELU_A
-            t += 1.0
-            t *= xb
-            t *= _GELU_C
-            xp.tanh(t, out=t)                       # t
-            xsq *= 3 * _GELU_A
-            xsq += 1.0
-            xsq *= _GELU_C                          # c (1 + 3 a x^2)
-            d = t * t
-            xp.subtract(1.0, d, out=d)
-            d *= xb
-            d *= xsq                                # x (1 - t^2) c (1 + 3 a x^2)
-            d += t
-            d += 1.0
-            d *= 0.5
-            xp.multiply(d, gb, out=gx[lo:hi])
-        cpu.for_rows(kernel, x2.shape[0], x2.shape[1], xp)
+        cpu.for_rows(lambda lo, hi: gelu_tanh_grad_into(x2[lo:hi], g2[lo:hi], gx[lo:hi]),
+                     x2.shape[0], x2.shape[1], xp)
         return gx.reshape(self.x.shape)
 
 
