@@ -301,12 +301,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from .hf import is_hf_folder
     from .inspect import write_report
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if not 1 <= args.top_k <= 20:
+        raise UsageError(f"--top-k must be between 1 and 20 (the guesses drawn per position), "
+                         f"got {args.top_k}")
     model, tok, _ = _load_run(args.out, args.which, args.device)
-    folder = write_report(model, tok, args.prompt or "", args.to or Path(args.out) / "inspect",
-                          overwrite=args.overwrite, k=args.top_k, say=print)
+    default = (Path(os.path.expanduser(args.out.rstrip("/"))).with_name(
+        Path(args.out.rstrip("/")).name + "-inspect") if is_hf_folder(args.out)
+        else Path(args.out) / "inspect")     # never inside a model folder others export
+    folder = write_report(model, tok, args.prompt or "", args.to or default,
+                          overwrite=args.overwrite, k=min(args.top_k, tok.vocab_size), say=print)
     print(f"wrote {folder / 'index.html'}: open it in a browser (attention maps, logit lens, "
           "activation statistics, next-token guesses)")
     return 0
@@ -527,12 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(attention, logit lens, activations), in index.html")
     pi.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
     pi.add_argument("--prompt", default=None, help="the text to look at (default: the BOS token)")
-    pi.add_argument("--to", default=None, help="the folder to write (default OUT/inspect)")
+    pi.add_argument("--to", default=None, help="the folder to write (default OUT/inspect; for a "
+                    "Hugging Face folder OUT-inspect beside it)")
     pi.add_argument("--which", default=None, choices=["best", "latest"],
                     help="checkpoint (default best, else latest)")
     pi.add_argument("--device", default="cpu")
-    pi.add_argument("--top-k", type=int, default=5, help="guesses shown per position")
-    pi.add_argument("--overwrite", action="store_true", help="replace the folder's pictures")
+    pi.add_argument("--top-k", type=int, default=5, help="guesses shown per position, 1-20 "
+                    "(default 5)")
+    pi.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier report in that folder (never other files)")
     pi.set_defaults(func=cmd_inspect)
 
     px = sub.add_parser("export", help="write a trained run as a Hugging Face GPT-2 folder "

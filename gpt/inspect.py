@@ -403,7 +403,7 @@ def token_label(tokenizer, i: int) -> str:
         if getattr(tokenizer, f"{name}_id", None) == i:
             return f"<{name}>"
     if hasattr(tokenizer, "id_to_piece"):
-        s = tokenizer.id_to_piece(i)
+        s = tokenizer.id_to_piece(i).replace("\u2581", "\u2423")   # sentencepiece's space mark
     else:
         s = tokenizer.decode([i])
         if s == "" or "\ufffd" in s:
@@ -633,18 +633,40 @@ def _prompt_ids(tokenizer, prompt: str, block_size: int, say) -> list:
     return ids
 
 
+def _is_report_file(name: str) -> bool:
+    """What write_report puts in its folder (and nothing else)."""
+    return name in ("index.html", "internals.npz") or (
+        name.endswith(".png") and not name.startswith("."))
+
+
 def _prepare_target(folder: Path, overwrite: bool) -> None:
+    if not str(folder).strip() or os.path.abspath(folder) in (
+            os.getcwd(), os.path.abspath(os.sep), os.path.expanduser("~")) or \
+            folder.name in ("", ".", ".."):
+        raise InspectError(f"--to {folder!s}: name a folder of its own for the report")
     if folder.exists():
         if not folder.is_dir():
             raise InspectError(f"{folder} is a file; pass a folder to write the report into")
+        if (folder / "meta.json").is_file() and (folder / "train.bin").exists():
+            raise InspectError(f"{folder} is a prepared data folder; write the report into a "
+                               "folder of its own")
+        if (folder / "config.json").is_file():
+            raise InspectError(f"{folder} is a model folder (config.json); write the report "
+                               "into a folder of its own")
         if run_status(folder) is not None:
             raise InspectError(f"{folder} holds a training run; write the report into a "
                                f"folder of its own (e.g. {folder / 'inspect'})")
         held = sorted(os.listdir(folder))
         if held and not overwrite:
             shown = ", ".join(held[:6]) + (" ..." if len(held) > 6 else "")
-            raise InspectError(f"{folder} is not empty (it holds {shown}); pass overwrite=True "
-                               "(--overwrite) to replace it, or choose another folder")
+            raise InspectError(f"{folder} is not empty (it holds {shown}); pass --overwrite to "
+                               "replace an earlier report, or choose another folder")
+        others = [n for n in held if not _is_report_file(n)]
+        if others:      # --overwrite replaces an earlier report, never anything else
+            shown = ", ".join(others[:6]) + (" ..." if len(others) > 6 else "")
+            raise InspectError(f"{folder} holds more than an earlier report ({shown}); "
+                               "--overwrite only replaces a folder of index.html, PNGs and "
+                               "internals.npz: choose another folder")
 
 
 def _commit(tmp: Path, target: Path) -> None:
@@ -674,7 +696,7 @@ def write_report(model, tokenizer, prompt: str, folder, overwrite: bool = False,
     arrays in internals.npz, and an index.html that shows them (relative links, no network).
     ``folder`` must not exist or be empty unless ``overwrite``, and never holds a run. The
     folder appears complete or not at all. Returns its path."""
-    target = Path(folder)
+    target = Path(os.path.expanduser(str(folder)))
     _prepare_target(target, overwrite)
     ids = _prompt_ids(tokenizer, prompt, model.config.block_size, say)
     arr = np.array([ids], dtype=np.int64)
@@ -688,9 +710,13 @@ def write_report(model, tokenizer, prompt: str, folder, overwrite: bool = False,
     target_p = lens_target_probability(lens, arr) if len(ids) > 1 else None
 
     parent = Path(os.path.abspath(target)).parent
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise InspectError(f"cannot write {target}: {e.strerror or e}; choose another "
+                           "--to") from None
     try:
         figures = []                                            # (file, heading, caption)
         for layer in range(maps.shape[0]):
@@ -725,11 +751,18 @@ def write_report(model, tokenizer, prompt: str, folder, overwrite: bool = False,
                             lens_target_prob=target_p if target_p is not None else np.zeros((0,)),
                             next_top_ids=nxt_ids, next_top_probs=nxt_p,
                             **{f"stats_{k_}": v for k_, v in stats.items()})
-        (tmp / "index.html").write_text(_html(prompt, labels, model, figures, lens_ids, lens_p,
+        shown = prompt if len(ids) == len(tokenizer.encode(prompt)) and prompt else \
+            tokenizer.decode(ids) if prompt else "(empty: the BOS token alone)"
+        if prompt and len(ids) < len(tokenizer.encode(prompt)):
+            shown = f"(the last {len(ids)} tokens, the block size)\n" + shown
+        (tmp / "index.html").write_text(_html(shown, labels, model, figures, lens_ids, lens_p,
                                               nxt_ids, nxt_p, tokenizer), encoding="utf-8")
         _commit(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise InspectError(f"could not write {target}: {e.strerror or e}; choose another "
+                               "--to") from None
         raise
     return target
 

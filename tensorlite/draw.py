@@ -235,8 +235,9 @@ def _draw_matplotlib(nodes, edges, path: Path) -> None:
     for a, b in edges:
         (xa, ya), (xb, yb) = pos[a], pos[b]
         ax.annotate("", xy=(xb - half[b], yb), xytext=(xa + half[a], ya),
-                    arrowprops=dict(arrowstyle="-|>", color="#555555", lw=0.8,
-                                    shrinkA=1, shrinkB=1), zorder=2)
+                    arrowprops=dict(arrowstyle="-|>", color="#3060a0", lw=0.8, alpha=0.8,
+                                    shrinkA=1, shrinkB=1, connectionstyle="arc3,rad=0.12"),
+                    zorder=4)      # over the boxes: an edge that crosses one stays visible
     fig.savefig(path, format=path.suffix[1:], dpi=110)
     plt.close(fig)
 
@@ -276,6 +277,9 @@ def draw_graph(tensor, path, max_values: int = 16, renderer: str = "auto") -> Dr
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)                  # mkstemp makes it 0600: give it a file's usual mode
+    os.umask(mask)
+    os.chmod(tmp_name, 0o666 & ~mask)
     tmp = Path(tmp_name)
     try:
         if suffix in (".dot", ".gv"):

@@ -385,15 +385,21 @@ def test_write_report_refuses_to_clobber_and_is_all_or_nothing(tmp_path, monkeyp
     (run / "log.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     with pytest.raises(I.InspectError, match="holds a training run"):
         I.write_report(m, tok, "ab", run, overwrite=True)
+    # --overwrite replaces an earlier report, never a user's other files
+    with pytest.raises(I.InspectError, match=r"holds more than an earlier report \(notes.txt\)"):
+        I.write_report(m, tok, "ab", target, overwrite=True)
+    (target / "notes.txt").unlink()
+    I.write_report(m, tok, "a", target, overwrite=True)
+    before = sorted(os.listdir(target))
     # a failure half-way leaves the old folder as it was and nothing else
     monkeypatch.setattr(I, "plot_next_token_topk", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         I.write_report(m, tok, "ab", target, overwrite=True)
-    assert os.listdir(target) == ["notes.txt"]
+    assert sorted(os.listdir(target)) == before
     assert sorted(os.listdir(tmp_path)) == ["r", "run"]
     monkeypatch.undo()
     I.write_report(m, tok, "ab", target, overwrite=True)
-    assert "index.html" in os.listdir(target) and "notes.txt" not in os.listdir(target)
+    assert "index.html" in os.listdir(target)
     assert sorted(os.listdir(tmp_path)) == ["r", "run"]
     # an empty prompt reads from <bos>; a long one keeps the block's last tokens, and says so
     notes = []
