@@ -142,7 +142,8 @@ class GradScaler:
     def scale(self, loss: Tensor) -> Tensor:
         """``loss * S`` in float32 (a float16 loss times 2^16 would overflow by itself)."""
         if not isinstance(loss, Tensor):
-            raise TypeError(f"GradScaler.scale: expected the loss Tensor, got {type(loss).__name__}")
+            raise TypeError(f"GradScaler.scale: expected the loss Tensor, got "
+                            f"{type(loss).__name__}")
         if not self.enabled:
             return loss
         if loss.dtype.kind != "f":
