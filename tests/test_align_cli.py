@@ -19,16 +19,10 @@ import numpy as np
 import pytest
 
 from gpt.cli import main
+from mpi_launch import MPIEXEC, needs_mpi
 
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
-try:
-    import mpi4py  # noqa: F401
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
-needs_mpi = pytest.mark.skipif(not (MPIEXEC and HAVE_MPI4PY),
-                               reason="MPI tests need mpi4py and mpiexec: pip install -e '.[mpi]'")
+
 
 # the base run: 2 layers, 2 heads, 32 wide, block 64, byte tokenizer (259 ids)
 BASE = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "64",

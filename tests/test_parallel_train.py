@@ -3,7 +3,6 @@ combinations), logs what one process logs, step for step, writes only from rank 
 under another layout, and refuses a layout that does not match the launcher."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -11,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from mpi_launch import MPIEXEC, needs_mpi
+
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec")
-try:
-    import mpi4py  # noqa: F401
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
-pytestmark = pytest.mark.skipif(not (MPIEXEC and HAVE_MPI4PY),
-                                reason="MPI tests need mpi4py and mpiexec: pip install -e '.[mpi]'")
+pytestmark = needs_mpi
 
 COMMON = ["--n-layer", "2", "--n-head", "4", "--d-model", "16", "--block-size", "16",
           "--batch-size", "8", "--max-steps", "8", "--eval-interval", "4", "--eval-steps", "2",
