@@ -502,10 +502,13 @@ class CrossEntropy(Function):
         self.reduction, self.count, self.ls = reduction, count, label_smoothing
         if reduction == "none":
             return nll
-        total = nll.sum()
+        # a float16 sum of many row losses overflows (65504): reduce in float32 at least
+        acc = xp.float32 if nll.dtype.itemsize < 4 else nll.dtype
+        total = nll.sum(dtype=acc)
         if reduction == "sum":
-            return total
-        return total / max(count, 1) if count else total * xp.asarray(float("nan"), dtype=nll.dtype)
+            return total.astype(nll.dtype)
+        return (total / max(count, 1)).astype(nll.dtype) if count else \
+            (total * xp.asarray(float("nan"), dtype=acc)).astype(nll.dtype)
 
     def backward(self, g):
         xp = backend.xp_of(g)
