@@ -22,7 +22,8 @@ Each rank measures every timed step (a barrier first, so the ranks start it toge
 * the step's wall time (``train_step``) and its four parts;
 * ``comm``: the seconds the rank was blocked in communication (`parallel.record_comm`: the
   blocking collectives and receives, and the waits and tests of non-blocking ones, not the
-  part of them that overlapped the rank's own work), per kind, and the bytes it handed MPI;
+  part of them that overlapped the rank's own work), per kind, with the calls and the bytes
+  handed to MPI;
 * pipeline layouts, from the executor's trace (`PipelineExecutor.trace`): ``busy``, the time in
   Forward, Backward and LoadMicroBatch instructions, and the schedule's span (first
   instruction to last). The measured bubble is 1 - busy / span, the share of the schedule the
@@ -89,7 +90,8 @@ def _kinds():
 def fields() -> list:
     """What each rank records per timed step, in this order (seconds unless said)."""
     return (["step", *PARTS, "comm", "comm_in_bubble", "busy", "span", "loss"]
-            + [f"s_{k}" for k in _kinds()] + [f"bytes_{k}" for k in _kinds()])
+            + [f"s_{k}" for k in _kinds()] + [f"bytes_{k}" for k in _kinds()]
+            + [f"calls_{k}" for k in _kinds()])
 
 
 def _pipeline_comm(pipe, stats) -> dict:
@@ -156,7 +158,7 @@ def measure(trainer, world, warmup: int, steps: int) -> np.ndarray:
         if i >= warmup:
             rows.append([step, *(parts.get(p, 0.0) for p in PARTS), stats.total_seconds,
                          in_bubble, busy, span, loss, *(stats.seconds[k] for k in kinds),
-                         *(stats.bytes[k] for k in kinds)])
+                         *(stats.bytes[k] for k in kinds), *(stats.calls[k] for k in kinds)])
     return np.array(rows, np.float64)
 
 
@@ -221,6 +223,7 @@ def summarize(run: dict, grad_accum: int) -> dict:
          "parts_ms": {p: 1e3 * float(med(col(p)).mean()) for p in PARTS},
          "comm_ms": {k: 1e3 * float(med(col(f"s_{k}")).mean()) for k in _kinds()},
          "comm_mb": {k: float(med(col(f"bytes_{k}")).mean()) / 1e6 for k in _kinds()},
+         "comm_calls": {k: float(med(col(f"calls_{k}")).mean()) for k in _kinds()},
          "loss": float(col("loss")[0, -1])}
     p = run["options"].get("pp", 1)
     if p > 1:
