@@ -168,8 +168,10 @@ def worker(args) -> list:
     import tensorlite as tl
     from gpt.config import TrainConfig
     from gpt.train import Trainer
-    size = int(os.environ.get("PMI_SIZE", "1"))
+    size = args.world
     world = parallel.world_group() if size > 1 else None
+    if world is not None and world.size != size:
+        raise SystemExit(f"bench_layouts: the worker for {size} ranks was started on {world.size}")
     model = {k: getattr(args, k) for k in ("n_layer", "n_head", "d_model", "block_size")
              if getattr(args, k) is not None}
     out = []
@@ -354,6 +356,7 @@ def main(argv=None) -> int:
                     help="before each run wait up to this many seconds for the machine to go "
                          "quiet (0: don't)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -362,7 +365,14 @@ def main(argv=None) -> int:
             print("RESULT " + json.dumps(out), flush=True)
         return 0
 
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    for k, lo in (("steps", 1), ("warmup", 0), ("repeats", 1), ("batch_size", 1),
+                  ("grad_accum", 1)):
+        if getattr(args, k) < lo:
+            ap.error(f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}")
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--ranks {args.ranks!r}: give world sizes separated by commas, e.g. 2,4")
     bad = [r for r in ranks if r not in LAYOUTS or r == 1]
     if bad:
         ap.error(f"--ranks {bad}: layouts exist for {sorted(k for k in LAYOUTS if k > 1)} ranks")
@@ -384,7 +394,7 @@ def main(argv=None) -> int:
                "options": {k: v for k, v in vars(args).items() if k not in ("worker", "tmp")},
                "runs": []}
         jobs = [(base, env, None), (base, _env(1), "1 process, 1 thread")] + [
-            ([_mpiexec(), "-n", str(n)] + base, env, None) for n in ranks]
+            ([_mpiexec(), "-n", str(n)] + base + ["--world", str(n)], env, None) for n in ranks]
         runs: dict = {}                     # layout -> its runs, one per repeat, in order
         for _ in range(args.repeats):       # interleaved: a busy spell spoils one of each
             for cmd, job_env, name in jobs:
