@@ -100,7 +100,8 @@ class TrainConfig:
                                       "internals.png (gpt/inspect.py); 0 = off")
     seed: int = option(1337, "random seed")
     device: str = option("cpu", "cpu | cuda | cuda:N")
-    dtype: str = option("float32", "float32 | float64 (float16 training is not supported)")
+    dtype: str = option("float32", "float32 | float64 | float16 (mixed precision: float16 "
+                                   "compute, float32 master weights, dynamic loss scaling)")
     samples: int = option(3, "samples printed at the end")
     sample_tokens: int = option(120, "tokens per sample")
     resume: bool = option(False, "continue from the latest checkpoint in --out, exactly")
@@ -191,13 +192,9 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 raise ConfigError(f"--{k} must be in [0, 1), got {getattr(self, k)}")
-        if self.dtype == "float16":
-            raise ConfigError("--dtype float16 is not supported for training: float16 weights and "
-                              "AdamW moments underflow and the loss diverges at the first step "
-                              "(mixed precision with float32 master weights and loss scaling is "
-                              "not built yet); use --dtype float32")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.dtype not in ("float32", "float64", "float16"):
+            raise ConfigError(f"--dtype must be float32, float64 or float16 (mixed precision), "
+                              f"got {self.dtype!r}")
         try:
             kind = tl.backend.parse_device(self.device)[0]
         except ValueError as e:
@@ -207,6 +204,11 @@ class TrainConfig:
                               "use --device cpu")
         self.parallel.validate()
         p = self.parallel
+        if self.dtype == "float16" and (p.dp > 1 or p.tp > 1 or p.pp > 1 or p.zero or
+                                        self.inspect_interval):
+            raise ConfigError("--dtype float16 (mixed precision) runs in one process for now, "
+                              "without --inspect-interval: leave out --dp/--tp/--pp/--zero and "
+                              "--inspect-interval, or use --dtype float32")
         if self.inspect_interval and (p.tp > 1 or p.pp > 1 or p.zero):
             raise ConfigError("--inspect-interval reads every weight's gradient and change on "
                               "one rank: it works in one process and with --dp, not with --tp, "

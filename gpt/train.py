@@ -251,8 +251,13 @@ class Trainer:
             import parallel
             self.par = parallel.init_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
         tl.manual_seed(cfg.seed)
-        self.model = GPT(self.model_cfg).to(cfg.device, cfg.dtype)
+        amp = cfg.dtype == "float16"                # mixed precision (nn/amp.py)
+        self.model = GPT(self.model_cfg).to(cfg.device, "float32" if amp else cfg.dtype)
         self._init_weights()
+        self.mp = None
+        if amp:     # float32 masters for the optimizer, the model itself cast to float16
+            from nn.amp import MixedPrecision
+            self.mp = MixedPrecision(self.model, "float16")
         # the whole model's size and FLOPs (a tensor-parallel rank holds only its shards)
         self.n_params, self.flops_per_token = (self.model.num_parameters(),
                                                self.model.flops_per_token())
@@ -277,6 +282,10 @@ class Trainer:
         self.trained = trained                  # what this rank's optimizer steps
         self._norm_groups, self._norm_weight = self._grad_norm_parts()
         groups = param_groups(trained, cfg.weight_decay)
+        if self.mp is not None:     # the same groups over the float32 masters
+            ms = self.mp.parameters()
+            groups = [{"params": [p for p in ms if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                      {"params": [p for p in ms if p.ndim < 2], "weight_decay": 0.0}]
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         self.ddp = None
         if self.par is not None and cfg.parallel.zero:
@@ -326,8 +335,11 @@ class Trainer:
     def _batch_loss(self, batch):
         """The loss of one micro-batch (this rank's rows), a scalar Tensor."""
         x, y = batch
-        return self.model(tl.tensor(x, device=self.cfg.device),
-                          tl.tensor(y, device=self.cfg.device))[1]
+        x, y = tl.tensor(x, device=self.cfg.device), tl.tensor(y, device=self.cfg.device)
+        if self.mp is not None:             # float16 logits, the loss in float32
+            from nn import functional as F
+            return F.cross_entropy(self.model(x)[0].float(), y)
+        return self.model(x, y)[1]
 
     def _micro_weights(self, batches) -> list:
         """The factor of each micro-batch's loss in the step's: its share of the step's
@@ -346,7 +358,7 @@ class Trainer:
 
     def _log_extra(self) -> dict:
         """More numbers of the last step for the log record (collective: every rank)."""
-        return {}
+        return {"loss_scale": self.mp.scaler.get_scale()} if self.mp is not None else {}
 
     def _save_tokenizer(self) -> None:
         from .data.tokenizer import tokenizer_filename
@@ -370,6 +382,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> dict:
         return {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
+                **({"amp": self.mp.scaler.state_dict()} if self.mp is not None else {}),
                 "loader": self.train_loader.state_dict(),
                 "rng": tl.default_generator.get_state(),
                 "train_config": {**asdict(self.cfg), "data": self.cfg.data and
@@ -383,6 +396,11 @@ class Trainer:
         path = self.out / "ckpt" / name
         model, opt = self.model, (self.opt.unsharded() if hasattr(self.opt, "unsharded")
                                   else self.opt)
+        if self.mp is not None:     # the float32 masters are the model's weights
+            model = GPT(self.model_cfg).to(self.cfg.device, "float32")
+            state = {k: v.data.astype(np.float32) for k, v in self.model.state_dict().items()}
+            state.update(self.mp.state_dict()["master"])
+            model.load_state_dict(state)
         if self.pipe is not None:   # every stage's weights and moments, on every rank
             opt = self._sync_pipeline(opt)
         if self.tp is not None:     # the dense model's tensors, whatever the degree
@@ -476,7 +494,14 @@ class Trainer:
 
     def _load_resume_point(self) -> Path:
         path = self._resume_point
-        if self.tp is None and self.pipe is None and not hasattr(self.opt, "unsharded"):
+        if self.mp is not None:     # float32 weights -> the masters (and the float16 model)
+            full = GPT(self.model_cfg).to(self.cfg.device, "float32")
+            meta = ckpt.load_checkpoint(path, model=full, optimizer=self.opt)
+            scaler = (meta["extra"] or {}).get("amp")    # None: a float32 run resumed in AMP
+            self.mp.load_state_dict({"master": {n: p.data for n, p in full.named_parameters()},
+                                     **({"scaler": scaler} if scaler else {"scaler": dict(
+                                         self.mp.scaler.state_dict())})})
+        elif self.tp is None and self.pipe is None and not hasattr(self.opt, "unsharded"):
             meta = ckpt.load_checkpoint(path, model=self.model, optimizer=self.opt)
         else:
             # the dense checkpoint into this rank's whole model (its TP shards under --tp),
@@ -571,7 +596,10 @@ class Trainer:
             sync = self.ddp is None or i == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 loss = self._batch_loss(batch)
-                (loss * w).backward()
+                if self.mp is not None:
+                    self.mp.backward(loss * w)      # scaled by the loss scale
+                else:
+                    (loss * w).backward()
             total += loss.item() * w
         return total
 
@@ -650,7 +678,13 @@ class Trainer:
         loss = self.reduce_gradients(self.forward_backward())
         if not math.isfinite(loss):
             self.opt.zero_grad()
+            if self.mp is not None:
+                self.mp.zero_grad()
             return loss, float("nan")
+        if self.mp is not None:     # unscale into the masters, skip on overflow, clip, AdamW
+            info = self.mp.step(self.opt, max_norm=cfg.grad_clip or None)
+            self.opt.zero_grad()
+            return loss, (info.grad_norm if info.grad_norm is not None else 0.0)
         due = cfg.inspect_interval and (self.step + 1) % cfg.inspect_interval == 0
         if due:
             self.health.measure_grads()           # the gradients backward produced
