@@ -49,7 +49,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -284,16 +283,9 @@ def _env(threads) -> dict:
 def _run(cmd, env, wait_quiet) -> list:
     """One subprocess; every layout it ran, with ``others``: the cores other processes kept
     busy meanwhile (above ~0.3 on this 2-core machine a run is not to be trusted)."""
-    from bench.benchutil import CpuMonitor, wait_for_quiet
-    if wait_quiet > 0:
-        wait_for_quiet(0.15, max_wait=wait_quiet)
-    with CpuMonitor() as mon:
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise SystemExit(f"bench_layouts: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n"
-                         f"{p.stderr}")
-    return [{**r, "others": mon.other_cores} for r in json.loads(lines[0][len("RESULT "):])]
+    from bench.benchutil import run_result
+    result, others = run_result(cmd, "bench_layouts", env=env, cwd=ROOT, wait_quiet=wait_quiet)
+    return [{**r, "others": others} for r in result]
 
 
 def pool(runs: list, quiet: float = QUIET) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,18 +123,11 @@ def worker_pp(cfg, steps, warmup, micro, schedules) -> dict:
 def _run(cmd, wait_quiet=10.0) -> dict:
     """Run one measurement in a subprocess; ``others``: cores other processes kept busy
     meanwhile (the machine is shared: a run with others > 0.3 is not to be trusted)."""
-    from bench.benchutil import CpuMonitor, wait_for_quiet
-    if wait_quiet > 0:
-        wait_for_quiet(0.15, max_wait=wait_quiet)
+    from bench.benchutil import run_result
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    with CpuMonitor() as mon:
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
-        raise SystemExit(f"bench_pp: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n"
-                         f"{p.stderr}")
-    return {**json.loads(lines[0][len("RESULT "):]), "others": mon.other_cores}
+    result, others = run_result(cmd, "bench_pp", env=env, cwd=ROOT, wait_quiet=wait_quiet)
+    return {**result, "others": others}
 
 
 def _mpiexec() -> str:

@@ -91,3 +91,21 @@ def time_plain_steps(model, batches, warmup: int) -> tuple[float, float]:
             fb.append(t1 - t0)
             step.append(t2 - t0)
     return float(np.median(fb)), float(np.median(step))
+
+
+def run_result(cmd, name: str, env=None, cwd=None, wait_quiet: float = 10.0):
+    """Run one measurement ``cmd`` in a subprocess (after waiting up to ``wait_quiet`` s for
+    the machine to go quiet) and return (the JSON its ``RESULT `` line printed, the cores
+    other processes kept busy meanwhile: above ~0.3 on a 2-core machine, not to be trusted).
+    A failed run ends the benchmark with its output."""
+    import json
+    import subprocess
+    if wait_quiet > 0:
+        wait_for_quiet(0.15, max_wait=wait_quiet)
+    with CpuMonitor() as mon:
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=1800)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        raise SystemExit(f"{name}: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n"
+                         f"{p.stderr}")
+    return json.loads(lines[0][len("RESULT "):]), mon.other_cores

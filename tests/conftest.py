@@ -56,3 +56,20 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CuPy and a CUDA GPU")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory):
+    """A small prepared data folder shared by the command-line tests: four files of the
+    standard library, the byte tokenizer (read-only for the tests that use it)."""
+    import sysconfig
+    from pathlib import Path
+
+    from gpt.data.prepare import prepare
+    src = tmp_path_factory.mktemp("src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
+        (src / name).write_text((stdlib / name).read_text())
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(str(src), out, tokenizer="byte", progress=False)
+    return out

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -92,15 +91,8 @@ def _one_error_line(err: str, command: str = "sft") -> str:
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from gpt.data.prepare import prepare
-    src = tmp_path_factory.mktemp("src")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
-        (src / name).write_text((stdlib / name).read_text())
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(str(src), out, tokenizer="byte", progress=False)
-    return out
+def data(byte_data):
+    return byte_data
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,8 @@ ARGS = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "3
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from gpt.data.prepare import prepare
-    src = tmp_path_factory.mktemp("src")
-    for name in ("textwrap.py", "shlex.py"):
-        (src / name).write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(str(src), out, tokenizer="byte", progress=False)
-    return out
+def data(byte_data):
+    return byte_data
 
 
 def _log(out):

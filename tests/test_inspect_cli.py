@@ -1,7 +1,5 @@
 """`tensorlite-gpt inspect` and `train --inspect-interval` from the command line."""
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 
@@ -13,13 +11,8 @@ SMALL = ["--n-layer", "2", "--n-head", "2", "--d-model", "32", "--block-size", "
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from gpt.data.prepare import prepare
-    src = tmp_path_factory.mktemp("src")
-    for name in ("textwrap.py", "shlex.py"):
-        (src / name).write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
-    data = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(str(src), data, tokenizer="byte", progress=False)
+def run(tmp_path_factory, byte_data):
+    data = byte_data
     out = tmp_path_factory.mktemp("runs") / "r"
     assert main(["train", "--data", str(data), "--out", str(out), *SMALL, "--max-steps", "6",
                  "--eval-interval", "3", "--inspect-interval", "2"]) == 0
