@@ -194,6 +194,9 @@ def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section=
     for opt in ("pp_schedule", "pp_timetable"):
         if opt in given and given.get("pp", 1) == 1 and not given.get("resume"):
             say(f"note: {_opt(opt)} has no effect without --pp > 1")
+    if section in ("sft", "dpo") and "max_chars" in given and given.get("data"):
+        say("note: --max-chars applies to the embedded set only; with --data every line is used "
+            "(the block's truncation rule still applies)")
     cfg = cls.from_dict(given)
     cfg.validate()
     check_out(cfg)                  # before preparing anything: the run in --out is safe
@@ -220,6 +223,11 @@ def _train_preflight(args, world, say, cls=None, opts: Options = TRAIN, section=
             given["data"] = saved["data"]
         cfg, changed = cls.for_resume(saved, given)
         cfg.validate()
+        if "batch_size" in changed:
+            was = changed["batch_size"][0]
+            raise UsageError(f"--resume: the run was trained with --batch-size {was}, not "
+                             f"{changed['batch_size'][1]}; resume with --batch-size {was} (the "
+                             "order of the data depends on it)")
         if changed:
             say("resuming with " + ", ".join(f"{_opt(k)} {now} (the run had {was})"
                                              for k, (was, now) in changed.items())
@@ -256,7 +264,8 @@ def cmd_train(args) -> int:
     say(f"\ndone: step {summary['step']}, best validation loss "
           f"{'none' if best == float('inf') else f'{best:.4f}'} "
           f"(unigram baseline {summary['unigram_baseline']:.4f}); checkpoint, log.jsonl and "
-          f"loss.png in {summary['out']}")
+          f"loss.png{' (and internals.png)' if cfg.inspect_interval else ''} in "
+          f"{summary['out']}")
     return 0
 
 

@@ -204,6 +204,10 @@ class TrainConfig:
                               "use --device cpu")
         self.parallel.validate()
         p = self.parallel
+        if self.inspect_interval > self.max_steps and not self.resume:
+            raise ConfigError(f"--inspect-interval {self.inspect_interval} is more than "
+                              f"--max-steps {self.max_steps}: nothing would be inspected; pass "
+                              "a smaller interval")
         if self.dtype == "float16" and (p.dp > 1 or p.tp > 1 or p.pp > 1 or p.zero or
                                         self.inspect_interval):
             raise ConfigError("--dtype float16 (mixed precision) runs in one process for now, "

@@ -309,13 +309,14 @@ def load_run(out: str | os.PathLike, which: str | None = None, device: str = "cp
     from .model import GPT, GPTConfig
     out = os.path.expanduser(str(out))
     if is_hf_folder(out):           # a Hugging Face GPT-2 folder (config.json, safetensors)
-        model, tok = load_hf_folder(out, device)
+        model, tok = load_hf_folder(out, device)      # (in eval mode, as from_pretrained)
         return model, tok, {"config": model.config.to_dict(), "path": str(out),
                             "extra": {"train_config": {}}}
     path = pick_checkpoint(out, which, say, what, made_by)
     meta = ckpt.load_checkpoint(path)
     model = GPT(GPTConfig.from_dict(meta["config"])).to(device)
     ckpt.load_checkpoint(path, model=model)
+    model.eval()                    # for inference: no dropout (train() turns it back on)
     tok = load_tokenizer_of(out)
     if tok.vocab_size != model.config.vocab_size:
         raise TrainingError(f"the tokenizer in {out} has {tok.vocab_size} ids but the model in "

@@ -262,6 +262,9 @@ def _read_jsonl(path, strict: bool, make, kind: str):
             f"{name} is not UTF-8 (line {lineno}, byte {offset}: {data[offset:offset + 4]!r}): "
             f"save it as UTF-8 (JSON Lines is UTF-8 by definition)"
         ) from None
+    if text.lstrip().startswith("["):
+        raise DataError(f"{name} is a JSON array, not JSON Lines: write one JSON object per "
+                        f"line ({_FORMATS[kind]}), e.g. with jq -c '.[]'")
 
     report = JsonlReport(path=name)
     examples = []
