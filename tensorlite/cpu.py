@@ -44,6 +44,12 @@ except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay us
 BLOCK_ELEMS = 128 * 1024         # elements per block: ~512 KB of float32, within L2
 MIN_PARALLEL_ELEMS = 64 * 1024   # below this, threads cost more than they save
 MIN_PARALLEL_FLOPS = 4e6
+# a 2-D product cut by rows (``matmul``): a hand-off to the pool costs ~100 us on this
+# project's 2-core VM (the worker's wake-up), so splitting pays only from ~16 MFLOP
+# (measured, (m, 128) @ (128, 384..512): 48 rows 52 us on one thread vs 127 us on two;
+# 128 x 512 about even; 768 rows 730 vs 447 us). Below it, no-cache generation's growing
+# windows paid a hand-off per qkv product (bench/README.md, issue 14).
+MIN_PARALLEL_FLOPS_ROWS = 16e6
 MIN_PARALLEL_FLOPS_FEW_ROWS = 5e5
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3        # glibc's mallopt parameters
@@ -331,7 +337,7 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.n
             np.matmul(a[lo:hi], b, out=out[lo:hi])
             if bias is not None:
                 out[lo:hi] += bias
-        if n > 1 and m >= 2 * n and flops >= MIN_PARALLEL_FLOPS:
+        if n > 1 and m >= 2 * n and flops >= MIN_PARALLEL_FLOPS_ROWS:
             with single_threaded_blas():      # rows of a, one slice per thread
                 _run_parts(rows, _split(m, n))
         elif n > 1 and m < 2 * n and flops >= MIN_PARALLEL_FLOPS_FEW_ROWS:
