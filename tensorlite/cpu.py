@@ -368,7 +368,9 @@ def rows_per_thread(n_rows: int, row_elems: int) -> int:
     """A ``block`` for ``for_rows``/``map_rows`` that gives each thread one block of rows: for
     kernels that multiply matrices (a GEMM wants its rows together) and cut their own
     elementwise work into cache-sized pieces (``row_blocks``)."""
-    n = get_num_threads()
+    n = get_num_threads() if n_rows * row_elems >= MIN_PARALLEL_ELEMS else 1
+    # below MIN_PARALLEL_ELEMS for_rows runs on the calling thread: then one block, not one
+    # per thread run one after the other (half-size products, a kernel call more)
     return max(1, -(-n_rows // n)) * max(row_elems, 1)
 
 

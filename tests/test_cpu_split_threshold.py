@@ -33,3 +33,17 @@ def test_matmul_rows_split_equals_numpy(m, with_bias, threads, monkeypatch):
         del poison                                       # rows left unwritten show as NaN
         np.testing.assert_allclose(cpu.matmul(a, b, bias), want, rtol=1e-5, atol=1e-4)
         assert calls == ([n] if split and n > 1 else []), (n, calls)
+
+
+@pytest.mark.parametrize("n_rows", [8, 100, 1000])   # 512 elements a row: below and above
+def test_rows_per_thread_one_block_when_not_parallel(n_rows, threads):
+    # for_rows runs below MIN_PARALLEL_ELEMS on the calling thread: one block of all the rows
+    # then (the fused MLP's products whole), one block per thread above it
+    threads(2)
+    blocks = []
+    cpu.for_rows(lambda lo, hi: blocks.append((lo, hi)), n_rows, 512,
+                 block=cpu.rows_per_thread(n_rows, 512))
+    if n_rows * 512 < cpu.MIN_PARALLEL_ELEMS:
+        assert blocks == [(0, n_rows)]
+    else:
+        assert sorted(blocks) == [(0, n_rows // 2), (n_rows // 2, n_rows)]
