@@ -25,6 +25,12 @@ from gpt.model import GPT, GPTConfig
 from gpt.train import param_groups
 from nn import checkpoint as ckpt
 from nn.optim import AdamW, clip_grad_norm_
+from checks import close as _close
+
+
+def close(a, b, dtype, what):
+    return _close(a, b, dtype, what, where=f"rank {rank}")
+
 
 STEPS, ACCUM, BATCH, CLIP, LR = 5, 2, 8, 0.25, 3e-3
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)
@@ -38,7 +44,6 @@ TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, size=5000)
 # (1.1e-6). Data parallelism on 2 ranks is that same re-split: 3.3e-5 and 1.3e-6. (The
 # worst element is often the key bias of attention, whose exact gradient is zero: softmax
 # ignores a shift shared by a row's scores, so in float32 it is rounding noise.)
-TOL = {"float64": 1e-10, "float32": 1e-5}
 EPS = {"float64": 1e-8, "float32": 1e-6}
 
 state = parallel.init_parallel()
@@ -96,22 +101,6 @@ def loader_for(kind):
     if kind == "single":
         return BatchLoader(TOKENS, BATCH, CFG.block_size, seed=3)
     return BatchLoader(TOKENS, BATCH, CFG.block_size, seed=3, rank=rank, world_size=size)
-
-
-def close(a, b, dtype, what):
-    """The error of ``a`` against ``b`` (float64: largest absolute; float32: relative L2),
-    or an AssertionError naming ``what`` when it exceeds the tolerance."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if dtype == "float64":
-        err = float(np.max(np.abs(a - b)))
-    else:
-        err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    if not err <= TOL[dtype]:
-        worst = np.unravel_index(np.argmax(np.abs(a - b)), a.shape) if a.ndim else ()
-        raise AssertionError(f"rank {rank}, {dtype}: {what} differ: error {err:.3g} > "
-                             f"{TOL[dtype]} (shape {a.shape}; worst element {worst}: "
-                             f"{a[worst]!r} vs {b[worst]!r})")
-    return err
 
 
 def same_on_every_rank(arrays, what):

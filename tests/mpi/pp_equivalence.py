@@ -28,13 +28,18 @@ from gpt.model import GPT, GPTConfig
 from gpt.train import param_groups
 from nn.optim import AdamW, clip_grad_norm_
 from pp_gpt import gpt_pieces
+from checks import close as _close
+
+
+def close(a, b, dtype, what):
+    return _close(a, b, dtype, what, where=f"stage {stage_id} of {stages}")
+
 
 STEPS, BATCH, M, CLIP, LR = 3, 16, 8, 0.25, 3e-3
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, d_model=32)
 # float64: every element within 1e-10. float32: each tensor within 1e-5 in relative L2, and
 # AdamW's eps 1e-6: tests/mpi/dp_equivalence.py measures why (a per-element bound on float32
 # AdamW updates only holds far above eps; a re-split batch moves the last bits of g)
-TOL = {"float64": 1e-10, "float32": 1e-5}
 EPS = {"float64": 1e-8, "float32": 1e-6}
 
 state = parallel.init_parallel(pp=parallel.world_group().size)
@@ -56,20 +61,6 @@ def batches():
     shape = (BATCH, CFG.block_size)
     return [(rng.integers(0, CFG.vocab_size, shape), rng.integers(0, CFG.vocab_size, shape))
             for _ in range(STEPS)]
-
-
-def close(a, b, dtype, what):
-    """The error of ``a`` against ``b`` (float64: largest absolute; float32: relative L2),
-    or an AssertionError naming ``what`` when it exceeds the tolerance."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if dtype == "float64":
-        err = float(np.max(np.abs(a - b)))
-    else:
-        err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    if not err <= TOL[dtype]:
-        raise AssertionError(f"stage {stage_id} of {stages}, {dtype}: {what} differ: error "
-                             f"{err:.3g} > {TOL[dtype]} (shape {a.shape})")
-    return err
 
 
 def reference(dtype):

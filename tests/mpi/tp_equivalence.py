@@ -46,13 +46,18 @@ from gpt.model import GPT, GPTConfig
 from gpt.train import param_groups
 from nn.optim import AdamW, clip_grad_norm_
 from parallel import tensor_parallel as tp
+from checks import Counting, close as _close
+
+
+def close(a, b, dtype, what):
+    return _close(a, b, dtype, what, where=f"rank {rank}")
+
 
 state = parallel.init_parallel(tp=parallel.world_group().size)
 group = state.tp
 rank, size = group.rank, group.size
 
 STEPS, CLIP, LR, BATCH = 5, 0.25, 3e-3, 4
-TOL = {"float64": 1e-10, "float32": 1e-5}
 EPS = {"float64": 1e-8, "float32": 1e-5}
 BASE = dict(block_size=16, n_layer=2, n_head=4, d_model=32)
 CONFIGS = {
@@ -70,20 +75,6 @@ def new_model(cfg, dtype, seed):
 
 def new_opt(model, dtype):
     return AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=EPS[dtype])
-
-
-def close(a, b, dtype, what):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise AssertionError(f"rank {rank}: {what}: shape {a.shape} vs {b.shape}")
-    if dtype == "float64":
-        err = float(np.max(np.abs(a - b))) if a.size else 0.0
-    else:
-        err = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-    if not err <= TOL[dtype]:
-        raise AssertionError(f"rank {rank}, {dtype}: {what} differ: error {err:.3g} > "
-                             f"{TOL[dtype]}")
-    return err
 
 
 def same_on_every_rank(arrays, what):
@@ -116,20 +107,6 @@ def train(model, opt, cfg, steps, first=0, is_tp=False):
         params = tp.gather_state_dict(model, group) if is_tp else model.state_dict()
         out.append((loss.item(), norm, {k: np.array(v.data) for k, v in params.items()}))
     return out
-
-
-class Counting:
-    """A Group that counts its all-reduces (everything else passes through)."""
-
-    def __init__(self, g):
-        self.g, self.count = g, 0
-
-    def all_reduce(self, *args, **kwargs):
-        self.count += 1
-        return self.g.all_reduce(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.g, name)
 
 
 results = {"ranks": size}

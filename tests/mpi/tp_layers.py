@@ -27,6 +27,7 @@ import nn
 import parallel
 import tensorlite as tl
 from parallel import tensor_parallel as tp
+from checks import Counting
 
 state = parallel.init_parallel(tp=parallel.world_group().size)
 group = state.tp
@@ -89,20 +90,6 @@ def compare_with_dense(name, dense, sharded, run, x, part=...):
     got = tp.gather_grads(sharded, group)
     for n, g in dense_grads(dense).items():
         compare(f"{name} grad {n}", got[n], g)
-
-
-class Counting:
-    """A Group that counts its all-reduces (everything else passes through)."""
-
-    def __init__(self, g):
-        self.g, self.count = g, 0
-
-    def all_reduce(self, *args, **kwargs):
-        self.count += 1
-        return self.g.all_reduce(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.g, name)
 
 
 # -- f and g, and the gather -----------------------------------------------------------------
