@@ -465,6 +465,13 @@ def cmd_eval(args) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
+def _add_run_args(p) -> None:
+    """--out (the run to read) and --which (its checkpoint)."""
+    p.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
+    p.add_argument("--which", default=None, choices=["best", "latest"],
+                   help="checkpoint (default best, else latest)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensorlite-gpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command",
@@ -539,12 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
             ps.set_defaults(func=cmd_eval)
     pi = sub.add_parser("inspect", help="pictures of what a trained model computes on a prompt "
                                         "(attention, logit lens, activations), in index.html")
-    pi.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
+    _add_run_args(pi)
     pi.add_argument("--prompt", default=None, help="the text to look at (default: the BOS token)")
     pi.add_argument("--to", default=None, help="the folder to write (default OUT/inspect; for a "
                     "Hugging Face folder OUT-inspect beside it)")
-    pi.add_argument("--which", default=None, choices=["best", "latest"],
-                    help="checkpoint (default best, else latest)")
     pi.add_argument("--device", default="cpu")
     pi.add_argument("--top-k", type=int, default=5, help="guesses shown per position, 1-20 "
                     "(default 5)")
@@ -554,12 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     px = sub.add_parser("export", help="write a trained run as a Hugging Face GPT-2 folder "
                                        "(config.json, model.safetensors, the tokenizer)")
-    px.add_argument("--out", default="runs/gpt", help="the run (default runs/gpt)")
+    _add_run_args(px)
     px.add_argument("--to", required=True, help="the folder to write")
-    px.add_argument("--which", default=None, choices=["best", "latest"],
-                    help="checkpoint (default best, else latest)")
     px.add_argument("--overwrite", action="store_true",
-                    help="replace --to if it holds files (never a tensorlite run or data folder)")
+                    help="replace an earlier model folder in --to (never other files)")
     px.set_defaults(func=cmd_export)
     return p
 

@@ -42,10 +42,6 @@ NOTE = "note: the base tokenizer has no chat tokens: added <|system|>, <|user|>,
 
 def _cli(args, n=1, env=None, timeout=240):
     e = dict(os.environ, PYTHONPATH=str(ROOT), TENSORLITE_NUM_THREADS="1")
-    # conftest.py sets OMP_NUM_THREADS=2, which tells tensorlite to leave BLAS threaded: its
-    # idle workers then spin beside tensorlite's pool, and a run takes 4x as long
-    if e.get("OMP_NUM_THREADS") == "2":
-        del e["OMP_NUM_THREADS"]
     e.update(env or {})
     cmd = [sys.executable, "-m", "gpt.cli", *args]
     if n > 1:
@@ -572,3 +568,29 @@ def test_sft_on_a_jsonl_file_learns(base, tmp_path, capsys):
     vals = [r["val_loss"] for r in _log(out) if "val_loss" in r]
     assert len(vals) == 3 and vals[-1] < vals[0] < summary["baseline"]
     assert summary["best_val_loss"] < 0.7 * summary["baseline"], summary
+
+
+# ------------------------------------------------------------------------------ dpo
+def test_dpo_from_the_sft_run_raises_the_margin_and_guards_its_resume(ref, tmp_path, capsys):
+    sft_run, _ = ref
+    out = tmp_path / "dpo"
+    args = ["dpo", "--base", str(sft_run), "--out", str(out), "--max-chars", str(MAX_CHARS),
+            "--max-steps", "8", "--eval-interval", "4", "--eval-steps", "4", "--batch-size", "8",
+            "--lr", "3e-3", "--warmup-steps", "1", "--log-interval", "1", "--dtype", "float64",
+            "--no-progress"]
+    r = _cli(args)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"held-out pairs \((\d+) of (\d+); the reference -> the tuned model at step "
+                  r"(\d+)\): reward margin 0\.0000 -> (-?\d+\.\d+), reward accuracy 0\.0% -> "
+                  r"(\d+\.\d)%", r.stdout)
+    assert m, r.stdout
+    assert int(m.group(1)) == 32 and float(m.group(4)) > 0 and float(m.group(5)) > 0
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r_["step"] for r_ in recs if "val_margin" in r_] == [4, 8]
+    assert all("margin" in r_ and "accuracy" in r_ for r_ in recs if "loss" in r_)
+    # a changed --beta on resume names itself, and nothing is written
+    before = _tree_state(out)
+    rc = main(["dpo", "--out", str(out), "--resume", "--max-steps", "10", "--beta", "0.5"])
+    line = _one_error_line(capsys.readouterr().err, "dpo")
+    assert rc == 2 and "--beta 0.5 (the run had 0.1)" in line
+    assert _tree_state(out) == before

@@ -240,7 +240,7 @@ class DPOTrainer(SFTTrainer):
     def _baseline(self) -> float:
         """At the start the policy is the reference: every margin 0, the loss log 2, and the
         likelier answer the reference's (so these need no evaluation, resumed or not)."""
-        n = sum(len(self.val_loader.get_batch(i)[0]) for i in range(self.eval_steps))
+        n, _ = self.evaluated()
         _, _, rc, rr = self.val_loader.more
         self._val_start = {"val_margin": 0.0, "val_accuracy": 0.0,
                            "val_logp_accuracy": float((rc[:n] > rr[:n]).mean())}
@@ -257,7 +257,7 @@ def dpo(cfg: DPOConfig, say=print) -> dict:
         a, b = trainer._val_start, trainer._val_by_step.get(step)
         if b is None:                  # the best was evaluated before a resume: the last
             step, b = trainer.step, trainer._val
-        n = sum(len(trainer.val_loader.get_batch(i)[0]) for i in range(trainer.eval_steps))
+        n, _ = trainer.evaluated()
         summary.update({"val_start": a, "val_best": b})
         say(f"\nheld-out pairs ({n} of {len(trainer.val_pairs[0])}; the reference -> the tuned "
             f"model at step {step}): reward margin {a['val_margin']:.4f} -> "

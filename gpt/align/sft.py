@@ -355,8 +355,9 @@ class SFTTrainer(Trainer):
         return total / max(count, 1)
 
     def evaluated(self) -> tuple:
-        """(rows, learned tokens) that each evaluation covers."""
-        n = sum(len(self.val_loader.get_batch(i)[0]) for i in range(self.eval_steps))
+        """(rows, learned tokens) that each evaluation covers (the held-out loader is
+        sequential: its first rows; for DPO the rows are pairs)."""
+        n = min(self.eval_steps * self.val_loader.batch_size, len(self.val_loader.X))
         return n, int((self.val_loader.Y[:n] != IGNORE).sum())
 
     def _baseline(self) -> float:
