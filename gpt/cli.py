@@ -123,17 +123,26 @@ def cmd_prepare(args) -> int:
     with the same options (unless --overwrite). What else --out holds is never replaced
     without --overwrite (see gpt.data.prepare.check_out_dir)."""
     from .data.prepare import is_prepared, options_from_flat, prepare
+    from .distributed import mpi_world
     d = _merge(args, PREPARE_OPTIONS, PREPARE_FLAGS, "prepare")
     data = d.pop("data", None)
     out = d.pop("out", DEFAULT_DATA)
     overwrite = bool(d.pop("overwrite", False))
+    workers = d.pop("workers", None)
     options = options_from_flat(d)
-    if not overwrite and is_prepared(out, data, **options):
-        print(f"{out} is already prepared from this data with these options: nothing to do "
-              f"(--overwrite prepares it again)")
+    world = mpi_world()             # under mpiexec every rank prepares its share of the files
+    rank = world.rank if world is not None else 0
+    done = not overwrite and rank == 0 and is_prepared(out, data, **options)
+    if world is not None:
+        done = world.comm.bcast(done, root=0)
+    if done:
+        if rank == 0:
+            print(f"{out} is already prepared from this data with these options: nothing to do "
+                  f"(--overwrite prepares it again)")
         return 0
-    prepare(data=data, out_dir=out, overwrite=overwrite, **options)
-    print(f"prepared data in {out}: train with  tensorlite-gpt train --data {out}")
+    prepare(data=data, out_dir=out, overwrite=overwrite, workers=workers, world=world, **options)
+    if rank == 0:
+        print(f"prepared data in {out}: train with  tensorlite-gpt train --data {out}")
     return 0
 
 
@@ -150,6 +159,9 @@ PREPARE_OPTIONS = {
     "text_field": (str, "the field holding the text in .jsonl records (default text)"),
     "character_coverage": (float, "share of the characters the bpe/unigram/char tokenizer "
                                   "gives their own pieces, the rest as bytes (default 0.9995)"),
+    "workers": (int, "processes that read, clean, deduplicate and encode (default: the usable "
+                     "cores, shared among the ranks on a machine under mpiexec); the output is "
+                     "the same for any number"),
     **_clean_cli_options(),  # --min-chars, --max-line-chars, ...: gpt.data.clean.CleanConfig
 }
 PREPARE_FLAGS = {
@@ -624,7 +636,7 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    if args.command not in ("train", "sft", "dpo") and _launcher_size() > 1:
+    if args.command not in ("train", "sft", "dpo", "prepare") and _launcher_size() > 1:
         # one process does it (several would print it N times, or race on the same files)
         if _launcher_rank() == 0:
             print(f"note: {args.command} runs in one process; under mpiexec ranks other than 0 "

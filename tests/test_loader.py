@@ -142,3 +142,25 @@ def test_batch_size_is_the_global_batch_and_must_split_evenly(shard):
         BatchLoader(path, 8, 32, world_size=0)
     loader = BatchLoader(path, 8, 32, rank=1, world_size=4)
     assert loader.local_batch_size == 2 and "rank=1, world_size=4" in repr(loader)
+
+
+def test_many_shards_read_as_their_concatenation(tmp_path):
+    """A folder prepared under mpiexec has one shard per rank: the loader reads them as one
+    stream, rows crossing from one shard into the next included (empty shards skipped)."""
+    tokens = np.random.default_rng(3).integers(0, 500, size=3000, dtype=np.int64)
+    cuts = [0, 700, 700, 1234, 2999, 3000]  # an empty shard, and a one-token one
+    paths = []
+    for k, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        paths.append(tmp_path / f"train-{k:05d}-of-00005.bin")
+        write_shard(paths[-1], tokens[lo:hi], vocab_size=500)
+    for mode in ("random", "sequential"):
+        many = BatchLoader(paths, 16, 50, seed=2, mode=mode)
+        one = BatchLoader(tokens, 16, 50, seed=2, mode=mode)
+        assert many.n_tokens == 3000 and "5 shards" in repr(many)
+        crossed = 0
+        for step in range(40):
+            (x, y), (x1, y1) = many.get_batch(step), one.get_batch(step)
+            assert np.array_equal(x, x1) and np.array_equal(y, y1)
+            s = many.starts(step)
+            crossed += int(np.any((s[:, None] < np.array(cuts[1:-1])) & (s[:, None] + 51 > np.array(cuts[1:-1]))))
+        assert crossed > 5  # the boundaries were crossed

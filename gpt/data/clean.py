@@ -138,6 +138,12 @@ class CleanReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def merge(self, other: "CleanReport") -> None:
+        """Add the counts of ``other`` (a later part of the same corpus) to this one."""
+        from gpt.data.corpus import _merge_counts
+
+        _merge_counts(self, other, ("config",))
+
 
 def normalize_text(text: str) -> tuple[str, dict[str, int]]:
     """Normalise one text; returns (text, counts of what changed)."""
@@ -213,24 +219,32 @@ def clean_documents(
 
         items = tqdm(documents, desc="clean", unit="doc", leave=False)
     for doc in items:
-        report.documents_in += 1
-        report.chars_in += len(doc.text)
-        text, stats = normalize_text(doc.text)
-        report.line_endings_normalised += stats["line_endings"]
-        report.control_chars_removed += stats["control"]
-        report.nfc_changed += stats["nfc"]
-        reason = quality_reason(text, config)
-        if reason is not None:
-            report.dropped[reason] += 1
-            report.dropped_chars[reason] += len(text)
-            bucket = report.examples.setdefault(reason, [])
-            if len(bucket) < _MAX_EXAMPLES:
-                bucket.append(doc.source)
-            continue
-        kept.append(doc if text == doc.text else Document(doc.source, text))
-        report.chars_out += len(text)
+        text = clean_text(doc.text, doc.source, config, report)
+        if text is not None:
+            kept.append(doc if text == doc.text else Document(doc.source, text))
     report.documents_out = len(kept)
     return kept, report
+
+
+def clean_text(text: str, source: str, config: CleanConfig, report: CleanReport) -> str | None:
+    """One document through the clean stage: its normalised text, or None when a filter
+    drops it; counted in ``report`` (``documents_out`` is the caller's to total)."""
+    report.documents_in += 1
+    report.chars_in += len(text)
+    text, stats = normalize_text(text)
+    report.line_endings_normalised += stats["line_endings"]
+    report.control_chars_removed += stats["control"]
+    report.nfc_changed += stats["nfc"]
+    reason = quality_reason(text, config)
+    if reason is not None:
+        report.dropped[reason] += 1
+        report.dropped_chars[reason] += len(text)
+        bucket = report.examples.setdefault(reason, [])
+        if len(bucket) < _MAX_EXAMPLES:
+            bucket.append(source)
+        return None
+    report.chars_out += len(text)
+    return text
 
 
 # The option names, so callers (prepare, the CLI) can split a flat option dict.

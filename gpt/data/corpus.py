@@ -43,7 +43,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -100,6 +100,29 @@ class CorpusReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def merge(self, other: "CorpusReport") -> None:
+        """Add the counts of ``other`` (the report of a later part of the same corpus: a
+        chunk, a rank's share) to this one; examples keep the first few in corpus order."""
+        _merge_counts(self, other, ("roots", "errors_policy", "fingerprint", "files_matched", "skipped_by_limit"))
+
+
+def _merge_counts(into, other, skip: tuple[str, ...]) -> None:
+    """``into += other`` field by field: integers add, dicts of integers add per key, the
+    example lists concatenate up to their limit (a helper of the reports' ``merge``)."""
+    for f in fields(into):
+        if f.name in skip:
+            continue
+        a, b = getattr(into, f.name), getattr(other, f.name)
+        if f.name == "examples":
+            for reason, sources in b.items():
+                bucket = a.setdefault(reason, [])
+                bucket.extend(sources[: max(0, _MAX_EXAMPLES - len(bucket))])
+        elif isinstance(a, dict):
+            for k, v in b.items():
+                a[k] = a.get(k, 0) + v
+        elif isinstance(a, int) and not isinstance(a, bool):
+            setattr(into, f.name, a + b)
 
 
 @dataclass
@@ -237,7 +260,7 @@ def _read_jsonl(
     return docs
 
 
-def _fingerprint(entries: list[tuple[str, str]], n_bytes: int) -> dict:
+def fingerprint_of(entries: list[tuple[str, str]], n_bytes: int) -> dict:
     digest = hashlib.sha256()
     for key, content_hash in sorted(entries):
         digest.update(key.encode("utf-8", "surrogateescape"))
@@ -325,6 +348,51 @@ def read_corpus(
         DataFileNotFoundError: a path does not exist.
         DataError: a bad option, or nothing at all to read.
     """
+    plan = plan_corpus(paths, include=include, exclude=exclude, errors=errors, max_files=max_files,
+                       max_bytes=max_bytes, skip_dirs=skip_dirs)
+    report = plan.report
+    documents: list[Document] = []
+    entries: list[tuple[str, str]] = []  # (key, sha256 of content) for the fingerprint
+    bar = _progress(plan.files, progress, "read corpus", unit="file")
+    try:  # the bar is cleared even when a file stops the run (the error is one clean line)
+        for path, key, _ in bar:
+            docs, entry = read_file(path, key, text_field, errors, report)
+            documents.extend(docs)
+            if entry is not None:
+                entries.append(entry)
+    finally:
+        if bar is not plan.files:
+            bar.close()
+
+    report.documents = len(documents)
+    report.chars = sum(len(d.text) for d in documents)
+    report.fingerprint = fingerprint_of(entries, report.bytes_read)
+    return Corpus(documents, report)
+
+
+@dataclass
+class CorpusPlan:
+    """The files a corpus will be read from, in corpus order, each ``(path, key, size in
+    bytes)`` (size from ``stat``; 0 when it cannot be read), after ``max_files`` /
+    ``max_bytes``; ``report`` holds the roots, files matched and skipped by the limits."""
+
+    files: list[tuple[Path, str, int]]
+    report: CorpusReport
+
+
+def plan_corpus(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    errors: str = "replace",
+    max_files: int | None = None,
+    max_bytes: int | None = None,
+    skip_dirs: Sequence[str | os.PathLike] = (),
+) -> CorpusPlan:
+    """Walk the input and decide which files will be read, reading none of them (the limits
+    are applied with the sizes ``stat`` gives, in corpus order, as `read_corpus` reads).
+    Raises what `read_corpus` raises for bad options or an empty selection."""
     if errors not in ERROR_POLICIES:
         raise DataError(f"errors={errors!r} is not a non-UTF-8 policy: use one of {ERROR_POLICIES}")
     for name, value in (("max_files", max_files), ("max_bytes", max_bytes)):
@@ -341,46 +409,49 @@ def read_corpus(
             f"exclude={list(exclude) if exclude is not None else 'default (hidden files and folders, Python caches)'}: "
             f"check the path, and the glob patterns if you passed include or exclude"
         )
+    planned: list[tuple[Path, str, int]] = []
+    n_read = n_bytes = 0
+    for i, (path, key) in enumerate(files):
+        if (max_files is not None and n_read >= max_files) or (max_bytes is not None and n_bytes >= max_bytes):
+            report.skipped_by_limit = len(files) - i
+            break
+        try:
+            size = path.stat().st_size
+            n_read += 1
+            n_bytes += size
+        except OSError:  # read_file counts it as unreadable
+            size = 0
+        planned.append((path, key, size))
+    return CorpusPlan(planned, report)
 
-    documents: list[Document] = []
-    entries: list[tuple[str, str]] = []  # (key, sha256 of content) for the fingerprint
-    bar = _progress(files, progress, "read corpus", unit="file")
-    try:  # the bar is cleared even when a file stops the run (the error is one clean line)
-        for i, (path, key) in enumerate(bar):
-            if (max_files is not None and report.files_read >= max_files) or (
-                max_bytes is not None and report.bytes_read >= max_bytes
-            ):
-                report.skipped_by_limit = len(files) - i
-                break
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
-                continue
-            report.files_read += 1
-            report.bytes_read += len(data)
-            entries.append((key, hashlib.sha256(data).hexdigest()))
-            if b"\0" in data[:_BINARY_SNIFF_BYTES]:
-                report.note("skipped_binary", key)
-                continue
-            if path.suffix.lower() in JSONL_SUFFIXES:
-                documents.extend(_read_jsonl(data, key, text_field, errors, report, str(path)))
-                continue
-            text, bad = _decode(data, errors)
-            if text is None:
-                report.note("non_utf8_skipped", key)
-                continue
-            if bad:
-                report.note("non_utf8_replaced", key)
-            documents.append(Document(key, text))
-    finally:
-        if bar is not files:
-            bar.close()
 
-    report.documents = len(documents)
-    report.chars = sum(len(d.text) for d in documents)
-    report.fingerprint = _fingerprint(entries, report.bytes_read)
-    return Corpus(documents, report)
+def read_file(
+    path: Path, key: str, text_field: str, errors: str, report: CorpusReport
+) -> tuple[list[Document], tuple[str, str] | None]:
+    """The documents of one file, and its fingerprint entry ``(key, sha256)`` (None when it
+    could not be read); what was skipped is counted in ``report`` (``files_read``,
+    ``bytes_read`` and the skip reasons; ``documents``, ``chars`` and the fingerprint are
+    the caller's to total)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
+        return [], None
+    report.files_read += 1
+    report.bytes_read += len(data)
+    entry = (key, hashlib.sha256(data).hexdigest())
+    if b"\0" in data[:_BINARY_SNIFF_BYTES]:
+        report.note("skipped_binary", key)
+        return [], entry
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return _read_jsonl(data, key, text_field, errors, report, str(path)), entry
+    text, bad = _decode(data, errors)
+    if text is None:
+        report.note("non_utf8_skipped", key)
+        return [], entry
+    if bad:
+        report.note("non_utf8_replaced", key)
+    return [Document(key, text)], entry
 
 
 def corpus_fingerprint(
@@ -404,14 +475,14 @@ def corpus_fingerprint(
             if (max_files is not None and len(entries) >= max_files) or (
                 max_bytes is not None and n_bytes >= max_bytes
             ):
-                return _fingerprint(entries, n_bytes)
+                return fingerprint_of(entries, n_bytes)
             try:
                 data = path.read_bytes()
             except OSError:
                 continue
             n_bytes += len(data)
             entries.append((key, hashlib.sha256(data).hexdigest()))
-    return _fingerprint(entries, n_bytes)
+    return fingerprint_of(entries, n_bytes)
 
 
 def _progress(iterable, enabled: bool, desc: str, **kwargs):

@@ -27,8 +27,8 @@ MinHash, vectorised
   one core.
 * LSH: the signature is cut into ``bands`` bands of ``rows`` rows, with (bands, rows)
   chosen from the threshold to minimise the false-positive plus false-negative
-  probability mass (`optimal_bands_rows`); documents that agree on a whole band are
-  candidates, and a candidate pair is a duplicate only if the fraction of equal
+  probability mass (`optimal_bands_rows`); each band becomes a 64-bit key
+  (`band_keys`), documents that share a key in some band are candidates (`bucket_pairs`), and a candidate pair is a duplicate only if the fraction of equal
   signature entries (the Jaccard estimate) is >= ``threshold``.
 * Removal is greedy in corpus order: a document is removed when it is similar to an
   earlier document that is itself kept, so every removed document names a kept one
@@ -79,6 +79,12 @@ class DedupConfig:
     @classmethod
     def from_options(cls, value: "DedupConfig | dict | None") -> "DedupConfig":
         return build_config(cls, value, "dedup")
+
+    def bands_rows(self) -> tuple[int, int]:
+        """The LSH (bands, rows): ``bands`` if given, else chosen from the threshold."""
+        if self.bands is None:
+            return optimal_bands_rows(self.threshold, self.num_perm)
+        return self.bands, self.num_perm // self.bands
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,32 +219,79 @@ def optimal_bands_rows(threshold: float, num_perm: int, fp_weight: float = 0.5) 
     return best
 
 
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n_docs, bands) uint64: a 64-bit key of each band of each signature, the band's
+    number mixed in (so equal rows in two different bands never share a bucket). Two
+    documents share a bucket when they have the same key: the band's rows are equal (or,
+    with probability ~2**-64 a pair, they collide; a candidate is verified on the whole
+    signature anyway). Keys, not the rows, are what prepare exchanges between MPI ranks:
+    8 bytes a band."""
+    n = len(signatures)
+    keys = np.empty((n, bands), dtype=np.uint64)
+    sig = signatures.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            h = np.full(n, _splitmix64(np.uint64(band + 1)), dtype=np.uint64)
+            for col in range(band * rows, (band + 1) * rows):
+                h = _splitmix64(h * _POLY + sig[:, col])
+            keys[:, band] = h
+    return keys
+
+
+def bucket_pairs(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """Unique (i, j) document pairs, i < j, (n_pairs, 2) int64, of records ``(keys[k],
+    docs[k])`` that share a key. A bucket of more than 256 documents pairs its first (lowest)
+    document with each other one only, not every pair (a template copied thousands of times
+    would otherwise give millions of pairs)."""
+    keys, docs = np.asarray(keys, dtype=np.uint64), np.asarray(docs, dtype=np.int64)
+    order = np.lexsort((docs, keys))  # by key, then document
+    k, d = keys[order], docs[order]
+    if len(k) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    sizes = np.diff(np.r_[starts, len(k)])
+    found: list[np.ndarray] = []
+    for lo, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        members = d[lo : lo + size]
+        if size > _MAX_PAIRS_PER_BUCKET:
+            pairs = np.stack([np.full(size - 1, members[0]), members[1:]], axis=1)
+        else:
+            i, j = np.triu_indices(size, k=1)
+            pairs = np.stack([members[i], members[j]], axis=1)
+        found.append(pairs)
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+
 def candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Unique (i, j) pairs, i < j, (n_pairs, 2) int64, that agree on at least one band."""
     n = len(signatures)
-    found: list[np.ndarray] = []
-    for band in range(bands):
-        block = np.ascontiguousarray(signatures[:, band * rows : (band + 1) * rows])  # (n, rows)
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
-        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        inverse = inverse.ravel()
-        if counts.max(initial=0) < 2:
+    keys = band_keys(signatures, bands, rows)  # (n, bands)
+    return bucket_pairs(keys.ravel(), np.repeat(np.arange(n, dtype=np.int64), bands))
+
+
+def greedy_removals(pairs: np.ndarray, similarity: np.ndarray) -> list[tuple[int, int, float]]:
+    """Which documents near-dedup removes, from the similar pairs (i < j) and their estimated
+    similarity: ``[(removed j, kept i, similarity)]`` in the order decided. Greedy in corpus
+    order: by the later document, its most similar partner first; a pair is skipped when
+    either side is already removed, so every removed document names a kept one (no chains of
+    A~B~C removing C for A)."""
+    order = np.lexsort((pairs[:, 0], -similarity, pairs[:, 1]))
+    removed: set[int] = set()
+    out = []
+    for (i, j), s in zip(pairs[order].tolist(), similarity[order].tolist()):
+        if j in removed or i in removed:
             continue
-        order = np.argsort(inverse, kind="stable")  # doc indices grouped by bucket, ascending within
-        bounds = np.r_[0, np.cumsum(counts)]
-        for g in np.flatnonzero(counts > 1):
-            members = order[bounds[g] : bounds[g + 1]]
-            if len(members) > _MAX_PAIRS_PER_BUCKET:
-                pairs = np.stack([np.full(len(members) - 1, members[0]), members[1:]], axis=1)
-            else:
-                i, j = np.triu_indices(len(members), k=1)
-                pairs = np.stack([members[i], members[j]], axis=1)
-            found.append(pairs)
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
-    assert n == 0 or pairs.max() < n
-    return pairs
+        removed.add(j)
+        out.append((j, i, s))
+    return out
+
+
+def empty_signature(signatures: np.ndarray) -> np.ndarray:
+    """(n_docs,) bool: documents without shingles (all-ones signatures; a real hash is < p)."""
+    return signatures[:, 0] == np.iinfo(np.uint32).max
 
 
 # ----------------------------------------------------------------------------- driver
@@ -250,7 +303,8 @@ def deduplicate(
     """Drop exact, then near-duplicate documents; keep the first of each group.
 
     Returns the kept documents in their original order and a report naming, for each
-    removed document, the kept document it duplicates."""
+    removed document, the kept document it duplicates. (An in-memory list; `prepare`
+    streams the same steps, `gpt.data.stream`, over any number of workers and ranks.)"""
     config = DedupConfig.from_options(config)
     report = DedupReport(documents_in=len(documents), config=config.to_dict())
     docs = list(documents)
@@ -271,10 +325,7 @@ def deduplicate(
         docs = kept
 
     if config.near and len(docs) > 1:
-        if config.bands is None:
-            bands, rows = optimal_bands_rows(config.threshold, config.num_perm)
-        else:
-            bands, rows = config.bands, config.num_perm // config.bands
+        bands, rows = config.bands_rows()
         report.bands, report.rows = bands, rows
         items = docs
         if progress:
@@ -283,26 +334,21 @@ def deduplicate(
             items = tqdm(docs, desc="dedup: shingles", unit="doc", leave=False)
         shingles = [shingle_hashes(d.text, config.shingle_size) for d in items]
         sig = minhash_signatures(shingles, config.num_perm, config.seed)  # (n_docs, num_perm)
-        empty = np.array([len(s) == 0 for s in shingles])
-        pairs = candidate_pairs(sig, bands, rows)
-        pairs = pairs[~(empty[pairs[:, 0]] | empty[pairs[:, 1]])]
+        real = np.flatnonzero(~empty_signature(sig))
+        keys = band_keys(sig[real], bands, rows)
+        pairs = bucket_pairs(keys.ravel(), np.repeat(real, bands))
         report.candidate_pairs = len(pairs)
         similarity = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.empty(0)
         similar = similarity >= config.threshold
-        pairs, similarity = pairs[similar], similarity[similar]
-        report.similar_pairs = len(pairs)
-        # greedy in corpus order: by the later document, its most similar partner first
-        order = np.lexsort((pairs[:, 0], -similarity, pairs[:, 1]))
-        removed = np.zeros(len(docs), dtype=bool)
-        for (i, j), s in zip(pairs[order].tolist(), similarity[order].tolist()):
-            if removed[j] or removed[i]:
-                continue
-            removed[j] = True
+        report.similar_pairs = int(similar.sum())
+        removals = greedy_removals(pairs[similar], similarity[similar])
+        for j, i, s in removals:
             report.duplicates.append(
                 {"removed": docs[j].source, "kept": docs[i].source, "kind": "near", "similarity": round(s, 4)}
             )
-        report.near_removed = int(removed.sum())
-        docs = [d for d, r in zip(docs, removed) if not r]
+        report.near_removed = len(removals)
+        gone = {j for j, _, _ in removals}
+        docs = [d for k, d in enumerate(docs) if k not in gone]
 
     report.documents_out = len(docs)
     return docs, report

@@ -16,6 +16,8 @@ Modes
   order, ``batch_size`` per step, wrapping around at the end; `steps_per_epoch` steps
   see every window at least once.
 
+Several shards (a preparation under mpiexec writes one per rank) are one stream, their
+concatenation in order; a row that crosses from one into the next is read from both.
 The shard is memory-mapped afresh for each batch and released right after, so the
 process never keeps a growing set of touched pages mapped (the NumPy memmap "leak"
 seen when one map is held through a long run); opening a map is a system call, cheap
@@ -46,7 +48,9 @@ class BatchLoader:
     """Yields ``(x, y)`` int64 arrays of shape (batch_size, block_size), forever.
 
     Args:
-        source: a shard path (see `gpt.data.shards`) or a 1-D integer array of token ids.
+        source: a shard path (see `gpt.data.shards`), a list of shard paths (read as one
+            stream, in order: a folder prepared under mpiexec has one shard per rank,
+            `gpt.data.prepare.load_prepared` lists them), or a 1-D integer array of token ids.
         batch_size: rows per batch.
         block_size: tokens per row (the model's context length).
         seed: the random-mode seed (ignored by sequential mode, kept in the state).
@@ -85,20 +89,22 @@ class BatchLoader:
         self.local_batch_size = self.batch_size // self.world_size
         self.step = 0
 
-        if isinstance(source, (str, os.PathLike)):
-            header = read_header(source)
-            self._path: Path | None = Path(source)
-            self._array = None
-            self._dtype = header.dtype
-            self.n_tokens = header.count
-            self.name = str(source)
+        # the stream is the concatenation of the parts: (shard path or array, dtype, tokens)
+        if isinstance(source, (str, os.PathLike)) or (isinstance(source, (list, tuple)) and source
+                                                      and all(isinstance(p, (str, os.PathLike)) for p in source)):
+            paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+            headers = [read_header(p) for p in paths]
+            self._parts = [(Path(p), h.dtype, h.count) for p, h in zip(paths, headers) if h.count]
+            self.name = str(paths[0]) if len(paths) == 1 else f"{len(paths)} shards ({paths[0]}, ...)"
         else:
             array = np.asarray(source)
             if array.ndim != 1 or array.dtype.kind not in "iu":
                 raise DataError(f"token array must be 1-D integers, got shape {array.shape} dtype {array.dtype}")
-            self._path, self._array, self._dtype = None, array, array.dtype
-            self.n_tokens = len(array)
+            self._parts = [(array, array.dtype, len(array))]
             self.name = "token array"
+        counts = np.array([n for _, _, n in self._parts], dtype=np.int64)
+        self._starts = np.r_[0, np.cumsum(counts)].astype(np.int64)  # part k holds [starts[k], starts[k+1])
+        self.n_tokens = int(self._starts[-1])
         if self.n_tokens < self.block_size + 1:
             raise DataError(
                 f"block_size={self.block_size} is too large for {self.name}: it has {self.n_tokens} tokens and "
@@ -127,21 +133,31 @@ class BatchLoader:
 
     # ------------------------------------------------------------------ batches
 
-    def _tokens(self) -> np.ndarray:
-        if self._array is not None:
-            return self._array
-        return np.memmap(self._path, dtype=self._dtype, mode="r", offset=HEADER_SIZE, shape=(self.n_tokens,))
+    def _open(self, k: int) -> np.ndarray:
+        source, dtype, count = self._parts[k]
+        if isinstance(source, np.ndarray):
+            return source
+        return np.memmap(source, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
 
     def get_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's rows of batch number ``step`` (does not move the loader's position)."""
         b = self.local_batch_size
         starts = self.starts(step)[self.rank * b : (self.rank + 1) * b]  # this rank's slice
-        tokens = self._tokens()
+        maps: dict[int, np.ndarray] = {}  # the parts this batch reads, mapped once each
         width = self.block_size + 1
         rows = np.empty((b, width), dtype=np.int64)  # (local batch, block + 1)
         for r, s in enumerate(starts.tolist()):
-            rows[r] = tokens[s : s + width]  # contiguous read from the map
-        del tokens  # unmap
+            # a row may run from one shard into the next: copy it piece by piece
+            k, done = int(np.searchsorted(self._starts, s, side="right")) - 1, 0
+            while done < width:
+                if k not in maps:
+                    maps[k] = self._open(k)
+                lo = s + done - int(self._starts[k])
+                take = min(width - done, self._parts[k][2] - lo)
+                rows[r, done : done + take] = maps[k][lo : lo + take]  # contiguous read from the map
+                done += take
+                k += 1
+        del maps  # unmap
         return rows[:, :-1], rows[:, 1:]
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -52,23 +53,15 @@ import numpy as np
 from nn.checkpoint import fsync_path
 
 from gpt.data.clean import CLEAN_OPTIONS, THRESHOLD_OF_REASON, CleanConfig, clean_documents, parse_threshold
-from gpt.data.corpus import Document, check_data_paths, corpus_fingerprint, default_corpus_root, read_corpus
-from gpt.data.dedup import DedupConfig, deduplicate
+from gpt.data.corpus import check_data_paths, corpus_fingerprint, default_corpus_root, fingerprint_of, plan_corpus
+from gpt.data.dedup import DedupConfig
 from gpt.data.errors import DataError, DataFileNotFoundError
 from gpt.data.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
-from gpt.data.shards import ShardWriter, atomic_write_text, read_header, split_documents
-from gpt.data.tokenizer import (
-    TOKENIZER_KINDS,
-    ByteTokenizer,
-    Tokenizer,
-    load_tokenizer,
-    tokenizer_filename,
-    train_tokenizer,
-)
+from gpt.data.shards import ShardWriter, atomic_write_text, read_header  # noqa: F401 (ShardWriter: gpt.data.stream's, patched by tests)
+from gpt.data.tokenizer import TOKENIZER_KINDS, Tokenizer, load_tokenizer, tokenizer_filename
 
 PREPARED_FORMAT_VERSION = 1
 META_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE = "meta.json", "report.json", "train.bin", "val.bin"
-_ENCODE_CHUNK = 64  # documents per encode_batch call (progress granularity)
 
 
 def _not_prepared(out_dir: Path, why: str) -> str:
@@ -136,53 +129,7 @@ def _canonical_options(
     return json.loads(json.dumps(options))  # tuples -> lists, like a meta.json read back
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _split_single_document(doc: Document, val_fraction: float) -> tuple[Document, Document]:
-    """Cut one document into (train, val) at a line boundary near 1 - val_fraction."""
-    text = doc.text
-    cut = int(len(text) * (1.0 - val_fraction))
-    after = text.find("\n", cut)
-    before = text.rfind("\n", 0, cut)
-    candidates = [i + 1 for i in (after, before) if 0 <= i < len(text) - 1]
-    if candidates:
-        cut = min(candidates, key=lambda i: abs(i - int(len(text) * (1.0 - val_fraction))))
-    cut = min(max(cut, 1), len(text) - 1)
-    return Document(doc.source + "#train", text[:cut]), Document(doc.source + "#val", text[cut:])
-
-
-def _encode_arrays(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    if isinstance(tok, ByteTokenizer):  # fast path: the bytes are the ids
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
-    return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
-
-
-def _write_split(
-    path: Path, tok: Tokenizer, docs: list[Document], desc: str, progress: bool
-) -> tuple[int, int]:
-    """Encode ``docs`` into the shard at ``path``, eos after each; (tokens, text bytes)."""
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    n_bytes = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(docs), desc=desc, unit="doc", leave=False)
-    try:
-        with ShardWriter(path, tok.vocab_size) as writer:
-            for lo in range(0, len(docs), _ENCODE_CHUNK):
-                texts = [d.text for d in docs[lo : lo + _ENCODE_CHUNK]]
-                n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                for ids in _encode_arrays(tok, texts):
-                    writer.write(ids)
-                    writer.write(eos)
-                if bar is not None:
-                    bar.update(len(texts))
-    finally:  # cleared even on an error, so the CLI's error stays one clean line
-        if bar is not None:
-            bar.close()
-    return writer.count, n_bytes
+# ----------------------------------------------------------------------------- report
 
 
 def format_report(report: dict) -> str:
@@ -234,6 +181,8 @@ def prepare(
     tokenizer_options: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
+    world=None,
 ) -> dict:
     """Prepare a data folder; returns the metadata (the content of meta.json).
 
@@ -259,6 +208,12 @@ def prepare(
             (character_coverage, input_sentence_size, max_sentence_length, num_threads).
         overwrite: replace whatever ``out_dir`` holds.
         progress: show tqdm bars and print the report summary.
+        workers: processes that read, clean, sign and encode (default: the usable cores,
+            shared among the ranks on this machine). The output is byte-identical for any
+            number (`gpt.data.stream`).
+        world: a `parallel.comm.Group` of several MPI ranks that prepare together (every
+            rank calls `prepare` with the same arguments): each reads its share of the
+            files and writes its own shards, listed in meta.json. None: one process.
 
     The new folder is written next to ``out_dir`` (a hidden ``.<name>.partial-*``
     folder) and renamed into place only when complete, so a crash or an error leaves the
@@ -269,110 +224,118 @@ def prepare(
         DataError: a bad option, an ``out_dir`` that must not be replaced or cannot be
             written, or nothing left to train on.
     """
+    from gpt.data import exchange, stream
+    from gpt.data.workers import usable_cores
+
     t_start = time.perf_counter()
-    options = _canonical_options(
-        data, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
-        include=include, exclude=exclude, text_field=text_field, errors=errors, max_files=max_files,
-        max_bytes=max_bytes, clean=clean, dedup=dedup, tokenizer_options=tokenizer_options,
-    )
-    if data is not None:
-        check_data_paths(data)
+    group = world if world is not None and world.size > 1 else None
+    rank = group.rank if group is not None else 0
     out = Path(out_dir)
-    target = check_out_dir(out, options, overwrite=overwrite)
-    staging = _make_staging(out, target)
+    if workers is None:
+        local = 1
+        if group is not None:
+            from parallel.world import local_size
+
+            local = local_size()
+        workers = max(1, usable_cores() // local)
+    err, setup, staging = None, None, None
     try:
-        meta, report = _prepare_into(staging, data, options, skip_dirs=[out, staging], progress=progress,
-                                     t_start=t_start)
-        _swap_in(staging, target, out)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise DataError(f"--workers {workers!r} must be a positive integer (the processes that read, clean, "
+                            f"sign and encode; by default the usable cores)")
+        options = _canonical_options(
+            data, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+            include=include, exclude=exclude, text_field=text_field, errors=errors, max_files=max_files,
+            max_bytes=max_bytes, clean=clean, dedup=dedup, tokenizer_options=tokenizer_options,
+        )
+        if data is not None:
+            check_data_paths(data)
+        if rank == 0:  # one rank decides where to write and what to read; the others are told
+            target = check_out_dir(out, options, overwrite=overwrite)
+            staging = _make_staging(out, target)
+            plan = plan_corpus(data, include=options["include"], exclude=options["exclude"],
+                               errors=options["errors"], max_files=options["max_files"],
+                               max_bytes=options["max_bytes"], skip_dirs=[out, staging])
+            setup = (str(target), str(staging), stream.make_chunks(plan.files), plan.report)
+    except DataError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        err = exc
+    stream._stop_together(group, err)
+    target, staging, chunks, plan_report = exchange.broadcast_object(group, setup)
+    target, staging = Path(target), Path(staging)
+    work = staging / f".work-{rank}"
+    try:
+        work.mkdir()
+        result = stream.run(group, staging, work, chunks, options, workers=workers, progress=progress,
+                            nothing_left=lambda c, cl, d: _nothing_left(c, cl, d, options["clean"]))
+        shutil.rmtree(work)
+        if group is not None:
+            group.barrier()  # every rank's shards are complete
+        meta = report = None
+        if rank == 0:
+            meta, report = _write_meta_and_report(staging, result, plan_report, options, workers,
+                                                  1 if group is None else group.size, t_start)
+            _swap_in(staging, target, out)
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, DataError):
             raise _write_error(out, exc) from exc
         raise
-    if progress:
+    meta = exchange.broadcast_object(group, meta)
+    if progress and rank == 0:
         print(format_report(report), flush=True)
-        print(f"prepared {out} ({META_FILE}, {REPORT_FILE}, {meta['tokenizer']['file']}, {TRAIN_FILE}, "
-              f"{VAL_FILE})", flush=True)
+        names = [s["file"] for part in ("train", "val") for s in meta[part]["shards"]]
+        print(f"prepared {out} ({META_FILE}, {REPORT_FILE}, {meta['tokenizer']['file']}, {', '.join(names)})",
+              flush=True)
     return meta
 
 
-def _prepare_into(
-    out: Path, data, options: dict, *, skip_dirs: list[Path], progress: bool, t_start: float
-) -> tuple[dict, dict]:
-    """Run the pipeline and write every file into the (new, empty) folder ``out``;
-    returns (meta, report)."""
-    timings: dict[str, float] = {}
-    o = options
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 3)
-        return now
-
-    t = time.perf_counter()
-    corpus = read_corpus(
-        data, include=o["include"], exclude=o["exclude"], text_field=o["text_field"], errors=o["errors"],
-        max_files=o["max_files"], max_bytes=o["max_bytes"], skip_dirs=skip_dirs, progress=progress,
-    )
-    t = lap("read", t)
-    docs, clean_report = clean_documents(corpus.documents, o["clean"], progress=progress)
-    t = lap("clean", t)
-    docs, dedup_report = deduplicate(docs, o["dedup"], progress=progress)
-    t = lap("dedup", t)
-    if not docs:
-        raise DataError(_nothing_left(corpus.report, clean_report, dedup_report, o["clean"]))
-
-    # split by document, before the tokenizer sees anything
-    tokenizer, vocab_size, val_fraction, seed = o["tokenizer"], o["vocab_size"], o["val_fraction"], o["seed"]
-    single = len(docs) == 1 and val_fraction > 0
-    if single:
-        head, tail = _split_single_document(docs[0], val_fraction)
-        train_docs, val_docs = [head], [tail]
-    else:
-        train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
-        train_docs = [docs[i] for i in train_idx]
-        val_docs = [docs[i] for i in val_idx]
-
-    if progress:
-        kind = f"{tokenizer} tokenizer (vocab_size={vocab_size})" if tokenizer != "byte" else "byte tokenizer"
-        print(f"training {kind} on {len(train_docs)} documents ...", flush=True)
-    tok_options = {"seed": seed, **o["tokenizer_options"]}
-    tok = train_tokenizer((d.text for d in train_docs), tokenizer, vocab_size,
-                          **(tok_options if tokenizer != "byte" else {}))
-    t = lap("tokenizer", t)
-
-    # write (meta.json last, though the folder only becomes visible when complete)
-    tok_file = tokenizer_filename(tok.kind)
-    tok.save(out / tok_file)
-    train_tokens, train_bytes = _write_split(out / TRAIN_FILE, tok, train_docs, "encode train", progress)
-    val_tokens, _ = _write_split(out / VAL_FILE, tok, val_docs, "encode val", progress)
-    t = lap("encode+write", t)
-    dtype = read_header(out / TRAIN_FILE).dtype.name
+def _write_meta_and_report(out: Path, result, plan_report, options: dict, workers: int, ranks: int,
+                           t_start: float) -> tuple[dict, dict]:
+    """report.json and meta.json (last) of a finished pipeline run (`gpt.data.stream.run`)."""
+    corpus = result.corpus
+    for name in ("roots", "files_matched", "skipped_by_limit", "errors_policy"):
+        setattr(corpus, name, getattr(plan_report, name))
+    corpus.fingerprint = fingerprint_of(result.entries, corpus.bytes_read)
+    tok = result.tokenizer
+    train_tokens = sum(n for _, n in result.train_files)
+    val_tokens = sum(n for _, n in result.val_files)
+    dtype = read_header(out / result.train_files[0][0]).dtype.name
+    timings = dict(result.timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
-
     report = {
-        "corpus": corpus.report.to_dict(),
-        "clean": clean_report.to_dict(),
-        "dedup": dedup_report.to_dict(),
+        "corpus": corpus.to_dict(),
+        "clean": result.clean.to_dict(),
+        "dedup": result.dedup.to_dict(),
         "split": {
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "single_document_split": single,
+            "train_documents": result.train_documents,
+            "val_documents": result.val_documents,
+            "val_fraction": options["val_fraction"],
+            "seed": options["seed"],
+            "single_document_split": result.single_document_split,
         },
         "tokenizer": {
             "kind": tok.kind,
             "vocab_size": tok.vocab_size,
-            "requested_vocab_size": None if tokenizer == "byte" else vocab_size,
+            "requested_vocab_size": None if options["tokenizer"] == "byte" else options["vocab_size"],
             # text bytes per token on the training split, excluding the eos separators
-            "bytes_per_token": train_bytes / max(1, train_tokens - len(train_docs)),
+            "bytes_per_token": result.train_bytes / max(1, train_tokens - result.train_documents),
         },
         "shards": {"train_tokens": train_tokens, "val_tokens": val_tokens, "dtype": dtype},
         "timings": timings,
+        "processes": {"ranks": ranks, "workers_per_rank": workers, "chunks": result.chunks,
+                      "peak_rss_mb": result.peak_rss_mb},
     }
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=1) + "\n")
 
+    def split(files, documents):
+        return {"file": files[0][0], "tokens": sum(n for _, n in files), "documents": documents,
+                "shards": [{"file": name, "tokens": n} for name, n in files]}
+
+    tok_file = tokenizer_filename(tok.kind)
     meta = {
         "format_version": PREPARED_FORMAT_VERSION,
         "shard_format_version": SHARD_FORMAT_VERSION,
@@ -386,9 +349,9 @@ def _prepare_into(
             "pad_id": tok.pad_id,
         },
         "dtype": dtype,
-        "train": {"file": TRAIN_FILE, "tokens": train_tokens, "documents": len(train_docs)},
-        "val": {"file": VAL_FILE, "tokens": val_tokens, "documents": len(val_docs)},
-        "corpus": corpus.report.fingerprint,
+        "train": split(result.train_files, result.train_documents),
+        "val": split(result.val_files, result.val_documents),
+        "corpus": corpus.fingerprint,
         "options": options,
     }
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=1) + "\n")
@@ -419,8 +382,11 @@ def _nothing_left(cr, clean_report, dedup_report, clean: dict) -> str:
 _OWN_FILES = frozenset({META_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, "tokenizer.model", "tokenizer.json"})
 
 
+_RANK_SHARD = re.compile(r"(train|val)-\d{5}-of-\d{5}\.bin")  # one per rank under mpiexec
+
+
 def _is_own(name: str) -> bool:
-    return name in _OWN_FILES or (name.startswith(".") and name.endswith(".tmp"))
+    return name in _OWN_FILES or bool(_RANK_SHARD.fullmatch(name)) or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def describe_prepared(meta: dict) -> str:
@@ -615,21 +581,26 @@ def read_meta(out_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def load_prepared(out_dir: str | os.PathLike) -> tuple[dict, Tokenizer, Path, Path]:
-    """Check a prepared folder and return (meta, tokenizer, train shard path, val shard path).
+def load_prepared(out_dir: str | os.PathLike) -> tuple[dict, Tokenizer, Path | list[Path], Path | list[Path]]:
+    """Check a prepared folder and return (meta, tokenizer, train shards, val shards).
 
-    Checks that meta.json, the tokenizer and both shards exist, that the shard headers
-    agree with the token counts in meta.json and the tokenizer with its vocab size."""
+    A split is one shard path (one process prepared it) or the list of its shards in order
+    (one per rank under mpiexec), either of which `BatchLoader` reads. Checks that
+    meta.json, the tokenizer and every shard exist, that the shard headers agree with the
+    token counts in meta.json and the tokenizer with its vocab size."""
     out = Path(out_dir)
     meta = read_meta(out)
     try:
         tok_file = out / meta["tokenizer"]["file"]
-        train_path, val_path = out / meta["train"]["file"], out / meta["val"]["file"]
-        expected = {train_path: meta["train"]["tokens"], val_path: meta["val"]["tokens"]}
+        splits = {}
+        for part in ("train", "val"):
+            # "shards" since the streaming prepare; a folder prepared before names one "file"
+            shards = meta[part].get("shards") or [{"file": meta[part]["file"], "tokens": meta[part]["tokens"]}]
+            splits[part] = [(out / s["file"], s["tokens"]) for s in shards]
         vocab_size = meta["vocab_size"]
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise DataError(_not_prepared(out, f"{META_FILE} lacks the field {exc}")) from None
-    for path in (tok_file, train_path, val_path):
+    for path in [tok_file] + [path for shards in splits.values() for path, _ in shards]:
         if not path.is_file():
             raise DataFileNotFoundError(_not_prepared(out, f"{path.name} is missing"))
     tok = load_tokenizer(tok_file)
@@ -638,16 +609,20 @@ def load_prepared(out_dir: str | os.PathLike) -> tuple[dict, Tokenizer, Path, Pa
                                            f"{META_FILE} says {vocab_size}"))
     if meta["tokenizer"].get("kind"):
         tok.kind = meta["tokenizer"]["kind"]
-    for path, count in expected.items():
-        header = read_header(path)  # raises on bad magic / version / truncation
-        if header.count != count:
-            raise DataError(_not_prepared(out, f"{path.name} has {header.count} tokens, {META_FILE} says {count}"))
-    return meta, tok, train_path, val_path
+    for shards in splits.values():
+        for path, count in shards:
+            header = read_header(path)  # raises on bad magic / version / truncation
+            if header.count != count:
+                raise DataError(_not_prepared(out, f"{path.name} has {header.count} tokens, {META_FILE} says {count}"))
+    train, val = ([p for p, _ in splits[k]] for k in ("train", "val"))
+    return meta, tok, train[0] if len(train) == 1 else train, val[0] if len(val) == 1 else val
 
 
+# how to run, not what to make: never in meta.json's options (the output is the same)
+_NOT_OPTIONS = ("progress", "overwrite", "workers", "world")
 _PREPARE_PARAMS = {
     name: p.default for name, p in inspect.signature(prepare).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("progress", "overwrite")
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _NOT_OPTIONS
 }
 
 
@@ -662,11 +637,11 @@ def is_prepared(
     (the keyword arguments of `prepare`, defaults filled in) and, unless
     ``check_fingerprint=False``, from input files that have not changed since (the
     fingerprint re-hashes the input files: ~0.1 s for the stdlib)."""
-    unknown = sorted(set(options) - set(_PREPARE_PARAMS) - {"progress", "overwrite"})
+    unknown = sorted(set(options) - set(_PREPARE_PARAMS) - set(_NOT_OPTIONS))
     if unknown:
         raise DataError(f"unknown prepare option(s) {unknown}: valid options are {sorted(_PREPARE_PARAMS)}")
-    options.pop("progress", None)
-    options.pop("overwrite", None)
+    for name in _NOT_OPTIONS:
+        options.pop(name, None)
     wanted = _canonical_options(data, **{**_PREPARE_PARAMS, **options})
     try:
         meta, _, _, _ = load_prepared(out_dir)
@@ -694,7 +669,7 @@ def ensure_prepared(
 ) -> dict:
     """`prepare` unless `is_prepared` already holds for these options; returns meta."""
     progress = options.get("progress", True)
-    check = {k: v for k, v in options.items() if k not in ("progress", "overwrite")}
+    check = {k: v for k, v in options.items() if k not in _NOT_OPTIONS}
     if is_prepared(out_dir, data, **check):
         if progress:
             print(f"reusing prepared data in {out_dir}", flush=True)
