@@ -476,7 +476,9 @@ def run(
     share = rank_share([sum(n for _, _, n in c) for c in chunks], ranks, rank)
     spill = {cid: work / f"chunk-{cid:06d}.txt" for cid in share}
     docs = LocalDocs(clean=CleanReport(config=clean_cfg.to_dict()))
-    with Workers(workers, fork=ranks == 1) as pool:
+    import sys
+
+    with Workers(workers, fork="mpi4py.MPI" not in sys.modules) as pool:  # never fork an MPI process
         pool.start(len(share))
         # ------------------------------------------------------------ pass 1
         tasks = ({"files": chunks[cid], "spill": str(spill[cid]), "text_field": o["text_field"],
