@@ -104,7 +104,7 @@ def build_graph(tensor, max_values: int = 16):
             op_label += "\n(inputs freed by backward)"
         nodes[id(ctx)] = _Node(id(ctx), "op", op_label)
         edges.append((id(ctx), id(t)))
-        for p in getattr(ctx, "parents", ()):
+        for p in (ctx.inputs() if hasattr(ctx, "versions") else getattr(ctx, "parents", ())):
             if p is None:
                 continue
             edges.append((id(p), id(ctx)))

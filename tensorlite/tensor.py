@@ -104,27 +104,51 @@ class Function:
     __slots__ = ("parents", "needs_input_grad", "freed", "versions", "__dict__")
     # which inputs' values the backward reads (positions), and whether it reads the output's:
     # an in-place change of one of those between forward and backward is an error, not a
-    # silently wrong gradient (the same check as PyTorch's version counters)
+    # silently wrong gradient (the same check as PyTorch's version counters). An op whose
+    # reads depend on which gradients are wanted says so in ``saved_values()`` (Mul: a's values
+    # only for b's gradient), so ``y = x * 2; y += 1`` is not a false alarm.
     saved_inputs: tuple = ()
     saves_output: bool = False
+    # the output can be a view of input 0's memory (reshape, transpose, basic indexing): it
+    # then shares that tensor's version counter, so an in-place change of either is seen
+    makes_view: bool = False
 
     @classmethod
     def apply(cls, *inputs, **params):
         ctx = cls()
         arrays = [t.data if isinstance(t, Tensor) else t for t in inputs]
         out = ctx.forward(*arrays, **params)
+        result = None
         if _grad_mode.enabled:
             needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             if any(needs):
+                # every input's version: for the saved-value check, and to know which value
+                # of a tensor changed in place since this op used (see inputs())
+                versions = []
+                for t, need in zip(inputs, needs):
+                    if need:
+                        if t._vgw is not None and t._vgw != t._vc[1]:
+                            _stale_view(cls, t)
+                        versions.append(t._vc[0])
+                    else:
+                        versions.append(t._vc[0] if isinstance(t, Tensor) else 0)
                 ctx.parents = inputs
                 ctx.needs_input_grad = needs
                 ctx.freed = False
-                if cls.saved_inputs:
-                    ctx.versions = tuple(inputs[i]._version if i < len(inputs) and
-                                         isinstance(inputs[i], Tensor) else 0
-                                         for i in cls.saved_inputs)
-                return Tensor._make(out, True, ctx)
-        return Tensor._make(out, False, None)
+                ctx.versions = versions
+                result = Tensor._make(out, True, ctx)
+        if result is None:
+            result = Tensor._make(out, False, None)
+        if cls.makes_view and isinstance(inputs[0], Tensor):
+            _share_if_view(result, inputs[0])
+        if cls.saves_output and result._ctx is not None:
+            ctx.out_version = result._vc[0]
+        return result
+
+    def saved_values(self) -> tuple:
+        """(positions of the inputs whose values backward will read, whether it reads the
+        output's): by default the class's ``saved_inputs`` and ``saves_output``."""
+        return type(self).saved_inputs, type(self).saves_output
 
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,6 +159,41 @@ class Function:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def inputs(self) -> tuple:
+        """The graph vertex of each input: the input itself, or, for a tensor changed in place
+        (and so given a new history) after this op used it, the stand-in that holds the
+        history it had then (see tensorlite/ops/inplace.py)."""
+        ps = self.parents
+        for p in ps:
+            if isinstance(p, Tensor) and p._past is not None:
+                return tuple(_at_version(p, v) for p, v in zip(ps, self.versions))
+        return ps
+
+
+def _at_version(p, v):
+    if isinstance(p, Tensor) and p._past is not None:
+        for end, old in p._past:
+            if v < end:
+                return old
+    return p
+
+
+def _share_if_view(out: "Tensor", base: "Tensor") -> None:
+    """``out`` came from a view op on ``base``: if it shares its memory, it shares its version
+    counter, and remembers how many graph writes ``base`` had seen (see _stale_view)."""
+    a, b = out.data, base.data
+    if a is b or backend.xp_of(a).may_share_memory(a, b):
+        out._vc = base._vc
+        out._vgw = base._vc[1] if base._vgw is None else base._vgw
+
+
+def _stale_view(cls, t: "Tensor") -> None:
+    raise RuntimeError(
+        f"{cls.__name__}: an input (a tensor of shape {t.shape}) is a view of a tensor that was "
+        f"changed in place by a recorded op after the view was taken: its values are new but "
+        f"its history is not; take the view again after the in-place change, or change a "
+        f"copy (x = x.clone()) instead")
 
 
 def unbroadcast(grad, shape):
@@ -157,8 +216,11 @@ class Tensor:
     ``grad`` semantics: ``None`` until a backward reaches this leaf; backward *adds* into it;
     ``zero_grad()`` sets it back to ``None`` (as PyTorch's ``set_to_none=True``).
     """
-    __slots__ = ("data", "requires_grad", "grad", "_ctx", "_hooks", "_post_hooks", "_version",
-                 "__weakref__", "name")
+    # _vc: the version counter [in-place changes, recorded (graph) in-place changes], shared
+    # with the tensors whose memory this one shares (views, .detach()); _vgw: for a view, the
+    # second count when it was taken (None: not a view); _past: see tensorlite/ops/inplace.py
+    __slots__ = ("data", "requires_grad", "grad", "_ctx", "_hooks", "_post_hooks", "_vc",
+                 "_vgw", "_past", "__weakref__", "name")
     __array_ufunc__ = None  # make numpy defer to our reflected operators (np.float32(2) * t)
 
     def __init__(self, data, dtype=None, device=None, requires_grad=False):
@@ -174,7 +236,9 @@ class Tensor:
         self._ctx = ctx
         self._hooks = None
         self._post_hooks = None
-        self._version = 0
+        self._vc = [0, 0]
+        self._vgw = None
+        self._past = None
         self.name = None
 
     @classmethod
@@ -201,6 +265,11 @@ class Tensor:
     @property
     def device(self) -> str:
         return backend.device_of(self.data)
+
+    @property
+    def _version(self) -> int:
+        """How many times this tensor's memory was changed in place (shared with its views)."""
+        return self._vc[0]
 
     @property
     def is_leaf(self) -> bool:
@@ -269,8 +338,11 @@ class Tensor:
         return int(self.item())
 
     def detach(self) -> "Tensor":
-        """The same data, cut from the graph."""
-        return Tensor._make(self.data, False, None)
+        """The same data (the same memory, and so the same version counter), cut from the graph."""
+        d = Tensor._make(self.data, False, None)
+        d._vc = self._vc
+        d._vgw = self._vc[1] if self._vgw is None else self._vgw
+        return d
 
     def detach_(self) -> "Tensor":
         self._ctx = None
@@ -389,7 +461,7 @@ class Tensor:
     def __matmul__(self, o): return _mm.matmul(self, o)
     def __rmatmul__(self, o): return _mm.matmul(o, self)
     def __getitem__(self, idx): return _ix.getitem(self, idx)
-    def __setitem__(self, idx, value): _ix.setitem_(self, idx, value)
+    def __setitem__(self, idx, value): _ip.setitem_(self, idx, value)
 
     def __eq__(self, o): return _ew.compare(self, o, "equal")
     def __ne__(self, o): return _ew.compare(self, o, "not_equal")
@@ -401,58 +473,31 @@ class Tensor:
     def __and__(self, o): return _ew.logical(self, o, "logical_and")
     def __or__(self, o): return _ew.logical(self, o, "logical_or")
 
-    # -- in-place (no graph: for optimizers and initialisation; refuse on graph tensors) --
-    def _inplace_check(self, what):
-        if _grad_mode.enabled and self.requires_grad:
-            raise RuntimeError(f"{what}: in-place change of a tensor that requires grad; "
-                               "wrap it in tl.no_grad() (as optimizers do)")
-        self._version += 1  # a graph node that saved this tensor's values can tell
-
-    def __iadd__(self, o):
-        self._inplace_check("+=")
-        self.data += o.data if isinstance(o, Tensor) else o
-        return self
-
-    def __isub__(self, o):
-        self._inplace_check("-=")
-        self.data -= o.data if isinstance(o, Tensor) else o
-        return self
-
-    def __imul__(self, o):
-        self._inplace_check("*=")
-        self.data *= o.data if isinstance(o, Tensor) else o
-        return self
-
-    def __itruediv__(self, o):
-        self._inplace_check("/=")
-        self.data /= o.data if isinstance(o, Tensor) else o
-        return self
-
-    def copy_(self, src) -> "Tensor":
-        self._inplace_check("copy_")
-        arr = src.data if isinstance(src, Tensor) else src
-        self.data[...] = backend.to_device(arr, self.device) if backend.device_of(arr) != self.device else arr
-        return self
-
-    def fill_(self, value) -> "Tensor":
-        self._inplace_check("fill_")
-        self.data[...] = value
-        return self
-
-    def zero_(self) -> "Tensor":
-        return self.fill_(0)
+    # -- in-place: recorded in the graph as PyTorch does (tensorlite/ops/inplace.py) --------
+    def __iadd__(self, o): return _ip.add_(self, o, "+=")
+    def __isub__(self, o): return _ip.sub_(self, o, "-=")
+    def __imul__(self, o): return _ip.mul_(self, o, "*=")
+    def __itruediv__(self, o): return _ip.div_(self, o, "/=")
+    def add_(self, o, alpha=1): return _ip.add_(self, o if alpha == 1 else o * alpha, "add_")
+    def sub_(self, o, alpha=1): return _ip.sub_(self, o if alpha == 1 else o * alpha, "sub_")
+    def mul_(self, o): return _ip.mul_(self, o, "mul_")
+    def div_(self, o): return _ip.div_(self, o, "div_")
+    def clip_(self, min=None, max=None): return _ip.clip_(self, min, max)
+    clamp_ = clip_
+    def masked_fill_(self, mask, value): return _ip.masked_fill_(self, mask, value)
+    def copy_(self, src) -> "Tensor": return _ip.copy_(self, src)
+    def fill_(self, value) -> "Tensor": return _ip.fill_(self, value)
+    def zero_(self) -> "Tensor": return _ip.fill_(self, 0, "zero_")
 
     def normal_(self, mean=0.0, std=1.0, generator=None) -> "Tensor":
         from .random import randn_like_array
-        self._inplace_check("normal_")
-        self.data[...] = randn_like_array(self.data, generator) * std + mean
-        return self
+        return _ip.overwrite_(self, lambda: randn_like_array(self.data, generator) * std + mean,
+                              "normal_")
 
     def uniform_(self, low=0.0, high=1.0, generator=None) -> "Tensor":
         from .random import rand_like_array
-        self._inplace_check("uniform_")
-        self.data[...] = rand_like_array(self.data, generator) * (high - low) + low
-        return self
+        return _ip.overwrite_(self, lambda: rand_like_array(self.data, generator) * (high - low)
+                              + low, "uniform_")
 
     # -- methods that mirror functions ----------------------------------------
     def exp(self): return _ew.Exp.apply(self)
@@ -570,7 +615,7 @@ def _topo_order(root: Tensor) -> list:
                 f"backward(): trying to backward through the graph a second time (the "
                 f"buffers of {ctx.name} were freed after the first backward); call "
                 f"backward(retain_graph=True) the first time if you need to")
-        for p in ctx.parents:
+        for p in ctx.inputs():
             if isinstance(p, Tensor) and p.requires_grad:
                 users[id(p)] = users.get(id(p), 0) + 1
                 if id(p) not in seen:
@@ -584,7 +629,7 @@ def _topo_order(root: Tensor) -> list:
         if ctx is None:
             continue
         done = []
-        for p in ctx.parents:
+        for p in ctx.inputs():
             if isinstance(p, Tensor) and p.requires_grad:
                 users[id(p)] -= 1
                 if users[id(p)] == 0:
@@ -629,7 +674,7 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
             in_grads = ctx.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
-            for p, pg, need in zip(ctx.parents, in_grads, ctx.needs_input_grad):
+            for p, pg, need in zip(ctx.inputs(), in_grads, ctx.needs_input_grad):
                 if not need or pg is None:
                     continue
                 if pg.shape != p.data.shape:  # a broadcast the op did not reduce
@@ -644,14 +689,16 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
 
 
 def _check_versions(out: Tensor, ctx) -> None:
-    cls = type(ctx)
+    """Raise if a value ``ctx``'s backward reads was changed in place since its forward."""
+    positions, reads_output = ctx.saved_values()
     stale = None
-    if cls.saves_output and out._version != 0:
-        stale = (out, 0, "its output")
-    for i, v in zip(cls.saved_inputs, getattr(ctx, "versions", ())):
+    ov = ctx.__dict__.get("out_version")
+    if reads_output and ov is not None and out._version != ov:
+        stale = (out, ov, "its output")
+    for i in positions:
         p = ctx.parents[i] if i < len(ctx.parents) else None
-        if isinstance(p, Tensor) and p._version != v:
-            stale = (p, v, f"input {i}")
+        if isinstance(p, Tensor) and p._version != ctx.versions[i]:
+            stale = (p, ctx.versions[i], f"input {i}")
     if stale is not None:
         t, v, which = stale
         raise RuntimeError(
@@ -675,3 +722,4 @@ from .ops import shape as _sh  # noqa: E402
 from .ops import indexing as _ix  # noqa: E402
 from .ops import matmul as _mm  # noqa: E402
 from .ops import nn as _nnops  # noqa: E402
+from .ops import inplace as _ip  # noqa: E402

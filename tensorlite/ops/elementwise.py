@@ -97,6 +97,10 @@ class Mul(Function):
         self.a, self.b = a, b
         return a * b
 
+    def saved_values(self):  # a's values serve b's gradient, b's serve a's
+        n = self.needs_input_grad
+        return tuple(i for i, need in ((0, n[1]), (1, n[0])) if need), False
+
     def backward(self, g):
         ga = g * self.b if self.needs_input_grad[0] else None
         gb = g * self.a if self.needs_input_grad[1] else None
@@ -112,6 +116,9 @@ class Div(Function):
         out = a / b
         self.out = out
         return out
+
+    def saved_values(self):  # the output's values serve only b's gradient
+        return (1,), self.needs_input_grad[1]
 
     def backward(self, g):
         ga = g / self.b if self.needs_input_grad[0] else None
@@ -319,6 +326,21 @@ class ToDevice(Function):
 
     def backward(self, g):
         return backend.to_device(g, self.src)
+
+
+class Fill(Function):
+    """The values ``v`` (broadcast to x's shape, in x's dtype), whatever x held: what
+    ``copy_``, ``fill_`` and ``normal_`` record on a tensor in a graph. x's gradient is zero."""
+
+    def forward(self, x, v):
+        xp = backend.xp_of(x)
+        self.in_shape = x.shape
+        return xp.array(xp.broadcast_to(xp.asarray(v, dtype=x.dtype), x.shape))
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        gx = xp.zeros(self.in_shape, dtype=g.dtype) if self.needs_input_grad[0] else None
+        return gx, (g if self.needs_input_grad[1] else None)
 
 
 class Clone(Function):

@@ -33,6 +33,8 @@ def _index_arrays(idx, x: Tensor):
 
 
 class GetItem(Function):
+    makes_view = True   # basic indexing (slices, integers) gives a view; advanced a copy
+
     def forward(self, x, idx, advanced):
         self.in_shape, self.dtype, self.idx, self.advanced = x.shape, x.dtype, idx, advanced
         return x[idx]
@@ -55,11 +57,30 @@ def getitem(x: Tensor, idx) -> Tensor:
         raise IndexError(f"index {idx!r} is invalid for a tensor of shape {x.shape}: {e}") from None
 
 
-def setitem_(x: Tensor, idx, value) -> None:
-    """In-place assignment, outside the graph (for buffers, caches and initialisation)."""
-    x._inplace_check("setitem")
-    arr_idx, _ = _index_arrays(idx, x)
-    x.data[arr_idx] = value.data if isinstance(value, Tensor) else value
+class IndexPut(Function):
+    """``x[idx] = v`` out of place: a copy of x with v written at idx. What ``x[idx] = v`` on
+    a tensor in a graph records (see ops/inplace.py)."""
+
+    def forward(self, x, v, idx):
+        self.idx = idx
+        out = x.copy()
+        out[idx] = v
+        return out
+
+    def backward(self, g):
+        gx = gv = None
+        if self.needs_input_grad[0]:
+            gx = g.copy()
+            gx[self.idx] = 0            # what was overwritten no longer reaches the output
+        if self.needs_input_grad[1]:
+            gv = g[self.idx]            # the engine sums it back to v's shape
+        return gx, gv
+
+
+def index_arrays(x: Tensor, idx):
+    """``idx`` with its Tensors and lists turned into backend arrays, and a clear error for a
+    float index."""
+    return _index_arrays(idx, x)[0]
 
 
 class Where(Function):

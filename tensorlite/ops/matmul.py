@@ -21,6 +21,10 @@ class MatMul(Function):
     """a: (..., M, K) @ b: (..., K, N) -> (..., M, N); both at least 2-D."""
     saved_inputs = (0, 1)
 
+    def saved_values(self):  # a's values serve b's gradient, b's serve a's
+        n = self.needs_input_grad
+        return tuple(i for i, need in ((0, n[1]), (1, n[0])) if need), False
+
     def forward(self, a, b):
         self.a, self.b = a, b
         if b.ndim == 2 and a.ndim > 2:

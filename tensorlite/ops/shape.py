@@ -22,6 +22,8 @@ def _dim(d: int, ndim: int, op: str) -> int:
 
 
 class Reshape(Function):
+    makes_view = True
+
     def forward(self, x, shape):
         self.in_shape = x.shape
         return x.reshape(shape)
@@ -59,6 +61,8 @@ def flatten(x: Tensor, start_dim=0, end_dim=-1) -> Tensor:
 
 
 class Permute(Function):
+    makes_view = True
+
     def forward(self, x, dims):
         self.inv = tuple(sorted(range(len(dims)), key=dims.__getitem__))
         return x.transpose(dims)
@@ -101,6 +105,8 @@ def unsqueeze(x: Tensor, dim: int) -> Tensor:
 
 
 class Expand(Function):
+    makes_view = True
+
     def forward(self, x, shape):
         return backend.xp_of(x).broadcast_to(x, shape)
 
@@ -191,6 +197,8 @@ def stack(tensors, dim: int = 0) -> Tensor:
 
 class Slice(Function):
     """x[lo:hi] along one axis (split's pieces): the backward pads the gradient with zeros."""
+
+    makes_view = True
 
     def forward(self, x, axis, lo, hi):
         self.in_shape, self.axis, self.lo, self.hi = x.shape, axis, lo, hi

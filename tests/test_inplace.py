@@ -1,0 +1,335 @@
+"""In-place ops on tensors in a graph (issue 18): recorded as PyTorch records them.
+
+Each in-place program is held equal, forward and backward, to its out-of-place twin, and
+gradchecked in float64; each refusal's message is checked; and the checks that guard against
+a wrong gradient (a saved value overwritten, a stale view) are shown to fire.
+"""
+import numpy as np
+import pytest
+
+import tensorlite as tl
+from tensorlite.ops import inplace as inplace_mod
+
+
+def t64(values, grad=True):
+    return tl.tensor(values, dtype=tl.float64, requires_grad=grad)
+
+
+# ----------------------------------------------------------------------------- micrograd
+def test_micrograd_sanity_check_by_hand():
+    # z = 3x + 2 = -10, q = relu(z) + z*x = 40, h = relu(z*z) = 100, y = h + q + q*x = -20;
+    # dy/dx = 2z*3 + (3x + z) + (3x + z)*x + q = -60 - 22 + 88 + 40 = 46
+    x = t64([-4.0])
+    z = 2 * x + 2 + x
+    q = z.relu() + z * x
+    h = (z * z).relu()
+    y = h + q + q * x
+    y.backward()
+    assert y.item() == -20.0
+    assert x.grad.item() == 46.0
+
+
+def _micrograd_more_ops(a, b, inplace: bool):
+    c = a + b
+    d = a * b + b ** 3
+    if inplace:
+        c += c + 1
+        c += 1 + c + (-a)
+        d += d * 2 + (b + a).relu()
+        d += 3 * d + (b - a).relu()
+    else:
+        c = c + (c + 1)
+        c = c + (1 + c + (-a))
+        d = d + (d * 2 + (b + a).relu())
+        d = d + (3 * d + (b - a).relu())
+    e = c - d
+    f = e ** 2
+    g = f / 2.0
+    if inplace:
+        g += 10.0 / f
+    else:
+        g = g + 10.0 / f
+    return g
+
+
+def _micrograd_more_ops_floats(a: float, b: float) -> float:
+    """The same arithmetic on Python floats: an independent reference for the value."""
+    c = a + b
+    d = a * b + b ** 3
+    c = c + (c + 1)
+    c = c + (1 + c + (-a))
+    d = d + (d * 2 + max(b + a, 0.0))
+    d = d + (3 * d + max(b - a, 0.0))
+    f = (c - d) ** 2
+    return f / 2.0 + 10.0 / f
+
+
+def test_micrograd_more_ops_with_inplace_updates():
+    a, b = t64([-4.0]), t64([2.0])
+    g = _micrograd_more_ops(a, b, inplace=True)
+    g.backward()
+    assert g.item() == pytest.approx(_micrograd_more_ops_floats(-4.0, 2.0), rel=1e-14)
+    # the gradients by central differences on the float program (no tensorlite in it)
+    h = 1e-6
+    da = (_micrograd_more_ops_floats(-4.0 + h, 2.0) - _micrograd_more_ops_floats(-4.0 - h, 2.0)) / (2 * h)
+    db = (_micrograd_more_ops_floats(-4.0, 2.0 + h) - _micrograd_more_ops_floats(-4.0, 2.0 - h)) / (2 * h)
+    assert a.grad.item() == pytest.approx(da, rel=1e-7)
+    assert b.grad.item() == pytest.approx(db, rel=1e-7)
+    # and exactly what the out-of-place twin gives
+    a2, b2 = t64([-4.0]), t64([2.0])
+    g2 = _micrograd_more_ops(a2, b2, inplace=False)
+    g2.backward()
+    assert g.item() == g2.item()
+    assert a.grad.item() == a2.grad.item() and b.grad.item() == b2.grad.item()
+    # a 1 % error in either gradient would fail the finite-difference check above
+    assert abs(a.grad.item() - 1.01 * da) > 1e-7 * abs(da)
+
+
+# ----------------------------------------------------------------------------- every op vs its twin
+# (name, in-place program, out-of-place twin): each takes (h, w, m) with h = a non-leaf that
+# requires grad, w = a leaf that requires grad, m = a bool mask; returns h's final value
+_MASK = np.array([[True, False, False, True], [False, True, False, False], [True, True, False, False]])
+
+
+def _ip_iadd(h, w, m): h += w * 0.5; return h
+def _op_iadd(h, w, m): return h + w * 0.5
+def _ip_isub(h, w, m): h -= w.tanh(); return h
+def _op_isub(h, w, m): return h - w.tanh()
+def _ip_imul_const(h, w, m): h *= 3.0; return h
+def _op_imul_const(h, w, m): return h * 3.0
+def _ip_imul_tensor(h, w, m): h *= w; return h              # backward needs h's old values
+def _op_imul_tensor(h, w, m): return h * w
+def _ip_idiv_tensor(h, w, m): h /= (w * w + 1.0); return h
+def _op_idiv_tensor(h, w, m): return h / (w * w + 1.0)
+def _ip_add_alpha(h, w, m): return h.add_(w, alpha=2.0)
+def _op_add_alpha(h, w, m): return h + w * 2.0
+def _ip_sub_alpha(h, w, m): return h.sub_(w, alpha=0.5)
+def _op_sub_alpha(h, w, m): return h - w * 0.5
+def _ip_mul_(h, w, m): return h.mul_(w.sigmoid())
+def _op_mul_(h, w, m): return h * w.sigmoid()
+def _ip_div_(h, w, m): return h.div_(2.0)
+def _op_div_(h, w, m): return h / 2.0
+def _ip_clamp(h, w, m): return h.clamp_(-0.3, 0.4)
+def _op_clamp(h, w, m): return h.clamp(-0.3, 0.4)
+def _ip_masked_fill(h, w, m): return h.masked_fill_(tl.tensor(m), -2.0)
+def _op_masked_fill(h, w, m): return h.masked_fill(tl.tensor(m), -2.0)
+def _ip_setitem_const(h, w, m): h[:, 1] = -1.0; return h
+def _op_setitem_const(h, w, m): return h.masked_fill(tl.tensor(np.arange(4) == 1), -1.0)
+def _ip_setitem_tensor(h, w, m): h[1:, :2] = w[0, :2] * 3.0; return h    # value broadcasts
+def _op_setitem_tensor(h, w, m):
+    rows = tl.cat([h[:1], tl.cat([(w[0, :2] * 3.0).unsqueeze(0).expand(2, 2), h[1:, 2:]], 1)], 0)
+    return rows
+def _ip_setitem_mask(h, w, m): h[tl.tensor(m)] = 0.25; return h
+def _op_setitem_mask(h, w, m): return h.masked_fill(tl.tensor(m), 0.25)
+def _ip_copy(h, w, m): return h.copy_(w.exp())
+def _op_copy(h, w, m): return w.exp() + h * 0.0
+def _ip_fill(h, w, m): h.fill_(0.7); return h * w
+def _op_fill(h, w, m): return (h * 0.0 + 0.7) * w
+def _ip_zero(h, w, m): h.zero_(); return h + w
+def _op_zero(h, w, m): return h * 0.0 + w
+def _ip_chain(h, w, m):       # several in a row, each reading the last, with uses in between
+    u = h * 2.0
+    h += u
+    v = h.tanh()
+    h *= w
+    h[0] = v[1] * 2.0
+    h.clamp_(max=1.5)
+    return h + u + v
+def _op_chain(h, w, m):
+    u = h * 2.0
+    h = h + u
+    v = h.tanh()
+    h = h * w
+    h = tl.cat([(v[1] * 2.0).unsqueeze(0), h[1:]], 0)
+    h = h.clamp(max=1.5)
+    return h + u + v
+
+
+PROGRAMS = [name[4:] for name in dict(globals()) if name.startswith("_ip_")]
+
+
+def _run(fn, x_np, w_np):
+    x, w = t64(x_np), t64(w_np)
+    h = x * 1.0 + 0.0           # a non-leaf that requires grad
+    out = fn(h, w, _MASK)
+    loss = (out * out.tanh()).sum()
+    loss.backward()
+    return loss.item(), x.grad.numpy() if x.grad is not None else np.zeros_like(x_np), \
+        w.grad.numpy() if w.grad is not None else np.zeros_like(w_np)
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_inplace_program_equals_its_out_of_place_twin(name):
+    rng = np.random.default_rng(0)
+    x_np, w_np = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    ip = _run(globals()["_ip_" + name], x_np, w_np)
+    op = _run(globals()["_op_" + name], x_np, w_np)
+    assert ip[0] == pytest.approx(op[0], rel=1e-13, abs=1e-13)
+    np.testing.assert_allclose(ip[1], op[1], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(ip[2], op[2], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_inplace_program_gradcheck(name):
+    rng = np.random.default_rng(1)
+    x, w = t64(rng.standard_normal((3, 4))), t64(rng.standard_normal((3, 4)))
+
+    def f(x, w):
+        h = x * 1.0 + 0.0
+        out = globals()["_ip_" + name](h, w, _MASK)
+        return out * out.tanh()
+    assert tl.gradcheck(f, (x, w), atol=1e-7, rtol=1e-6)
+
+
+def test_mul_by_a_tensor_that_needs_grad_keeps_the_old_values(monkeypatch):
+    """h *= w needs h's values before the change for w's gradient: tensorlite gives the op its
+    own copy (as PyTorch saves the original self). Without that copy the gradient is wrong."""
+    rng = np.random.default_rng(2)
+    x_np, w_np = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    right = _run(_op_imul_tensor, x_np, w_np)
+    np.testing.assert_allclose(_run(_ip_imul_tensor, x_np, w_np)[2], right[2], rtol=1e-13)
+    monkeypatch.setattr(inplace_mod, "_reads", lambda ctx, old: False)   # the planted bug
+    wrong = _run(_ip_imul_tensor, x_np, w_np)
+    assert not np.allclose(wrong[2], right[2])
+
+
+def test_earlier_users_of_a_tensor_get_the_gradient_of_its_earlier_value():
+    """y used c before c *= 3: y's gradient must reach a + b through c's *old* value (x1),
+    not through the multiplication (which would make it x3)."""
+    a, b = t64([1.0, 2.0]), t64([3.0, 4.0])
+    c = a + b
+    y = c + 5.0                 # Add saves nothing: nothing stale, only the routing matters
+    c *= 3.0
+    (y + c).sum().backward()
+    np.testing.assert_array_equal(a.grad.numpy(), [4.0, 4.0])   # 1 (through y) + 3 (through c)
+    np.testing.assert_array_equal(b.grad.numpy(), [4.0, 4.0])
+
+
+def test_a_plain_tensor_changed_by_one_that_requires_grad_joins_the_graph():
+    w = t64([1.0, -2.0, 3.0])
+    h = tl.zeros(3, dtype=tl.float64)
+    h += w * w
+    h[1] = w[0]
+    assert h.requires_grad and not h.is_leaf and h.grad_fn.name == "IndexPut"
+    h.sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [2.0 + 1.0, 0.0, 6.0])
+
+
+def test_hooks_registered_before_the_change_see_the_old_values_gradient():
+    x = t64([1.0, 2.0])
+    h = x * 1.0
+    seen = []
+    h.register_hook(lambda g: seen.append(g.numpy().copy()))
+    h *= 5.0
+    (h * 2.0).sum().backward()
+    np.testing.assert_array_equal(seen[0], [10.0, 10.0])
+    np.testing.assert_array_equal(x.grad.numpy(), [10.0, 10.0])
+
+
+def test_no_grad_and_plain_tensors_are_written_in_place_as_before():
+    w = t64([1.0, 2.0])
+    with tl.no_grad():
+        w -= 1.0
+        w[0] = 5.0
+        w.mul_(2.0).clamp_(max=6.0)
+    assert w.is_leaf and w.requires_grad
+    np.testing.assert_array_equal(w.numpy(), [6.0, 2.0])
+    p = tl.tensor([1.0, 2.0])
+    arr = p.data
+    p += 1
+    p.masked_fill_(tl.tensor([True, False]), 0.0)
+    assert p.data is arr and not p.requires_grad and p._version == 2
+    np.testing.assert_array_equal(p.numpy(), [0.0, 3.0])
+
+
+# ----------------------------------------------------------------------------- what stays an error
+def test_inplace_on_a_leaf_that_requires_grad_is_refused_in_pytorchs_words():
+    w = t64([1.0, 2.0])
+    for change in (lambda: w.__iadd__(1.0), lambda: w.__setitem__(0, 1.0), lambda: w.mul_(2.0),
+                   lambda: w.clamp_(0.0, 1.0), lambda: w.zero_(), lambda: w.normal_()):
+        with pytest.raises(RuntimeError, match=r"a leaf tensor that requires grad \(shape \(2,\)\) "
+                           r"is being used in an in-place operation; do it under tl.no_grad"):
+            change()
+    np.testing.assert_array_equal(w.numpy(), [1.0, 2.0])    # and nothing was written
+
+
+def test_a_backward_that_needs_an_overwritten_value_raises():
+    x = t64([0.5, 1.0])
+    y = x.exp()                 # Exp's backward reads its output
+    y += 1
+    with pytest.raises(RuntimeError, match="its output of Exp .* changed in place"):
+        y.sum().backward()
+    w = t64([1.0, 2.0])
+    h = x * 1.0
+    z = (w * h).sum()           # Mul reads h for w's gradient
+    h += 1
+    with pytest.raises(RuntimeError, match=r"input 1 of Mul .* changed in place"):
+        z.backward()
+
+
+def test_nothing_saved_was_overwritten_so_no_false_alarm():
+    x = t64([1.0, 2.0])
+    y = x * 2                   # Mul by a constant reads only the constant
+    y += 1
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0])
+    x.grad = None
+    g = x / 2.0                 # Div by a constant does not read its output
+    g *= 3.0
+    g.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [1.5, 1.5])
+
+
+def test_a_write_through_a_view_in_a_graph_is_refused():
+    x = t64(np.arange(6.0))
+    h = x * 1.0
+    for make, made_by in ((lambda: h[1:3], "GetItem"), (lambda: h.reshape(2, 3), "Reshape"),
+                          (lambda: h.reshape(2, 3).transpose(0, 1), "Permute"),
+                          (lambda: h.detach(), "taken outside the graph or by .detach")):
+        v = make()
+        with pytest.raises(RuntimeError, match=rf"is a view of another tensor's memory \({'made by ' if made_by[0].isupper() else ''}{made_by}"):
+            v += x[:v.shape[-1]].reshape(v.shape[-1]) if made_by == "taken outside the graph or by .detach" else 1.0
+    np.testing.assert_array_equal(h.numpy(), np.arange(6.0))
+    buf = tl.zeros(4, dtype=tl.float64)
+    with pytest.raises(RuntimeError, match=r"view of another tensor's memory"):
+        buf[0:2].mul_(x[:2])    # a view of a plain tensor, changed by one that requires grad
+
+
+def test_a_view_taken_before_its_base_changed_is_refused_when_used():
+    x = t64([1.0, 2.0, 3.0])
+    h = x * 1.0
+    v = h[0:2]
+    h *= 3.0                    # v's values are now 3x, its history says 1x
+    with pytest.raises(RuntimeError, match="view of a tensor that was changed in place by a "
+                                           "recorded op after the view was taken"):
+        v.sum()
+    with tl.no_grad():
+        assert v.sum().item() == 9.0     # outside a graph, values are just values
+    (h[0:2].sum()).backward()            # a view taken after the change is fine
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0, 0.0])
+
+
+def test_views_share_the_version_counter_of_their_base():
+    """An in-place change through a base (or a .detach()) of values a backward saved through
+    a view is seen: before views shared counters, these gave a wrong gradient."""
+    w = t64([1.0, 2.0])
+    buf = tl.tensor([1.0, 1.0, 1.0, 1.0], dtype=tl.float64)
+    y = (w * buf[0:2]).sum()    # Mul saves the view's values for w's gradient
+    buf += 1                    # buf needs no grad: allowed, but the view's values changed
+    with pytest.raises(RuntimeError, match=r"input 1 of Mul .* changed in place"):
+        y.backward()
+    z = w.exp()
+    s = z.sum()
+    z.detach().mul_(2.0)        # the same memory: Exp's saved output is gone
+    with pytest.raises(RuntimeError, match="its output of Exp"):
+        s.backward()
+
+
+def test_inplace_result_must_keep_the_tensors_shape_and_float_dtype():
+    h = t64([1.0, 2.0]) * 1.0
+    with pytest.raises(RuntimeError, match=r"result has shape \(3, 2\), but the tensor changed "
+                                           r"in place has shape \(2,\)"):
+        h += tl.zeros((3, 2), dtype=tl.float64)
+    n = tl.tensor([1, 2])
+    with pytest.raises(TypeError, match="requires grad but the tensor changed in place has dtype int64"):
+        n += t64([1.0, 2.0])
