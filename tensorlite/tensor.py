@@ -218,9 +218,10 @@ class Tensor:
     """
     # _vc: the version counter [in-place changes, recorded (graph) in-place changes], shared
     # with the tensors whose memory this one shares (views, .detach()); _vgw: for a view, the
-    # second count when it was taken (None: not a view); _past: see tensorlite/ops/inplace.py
+    # second count when it was taken (None: not a view); _view_src: for x[idx] that is a view,
+    # (x, idx); _past: see tensorlite/ops/inplace.py
     __slots__ = ("data", "requires_grad", "grad", "_ctx", "_hooks", "_post_hooks", "_vc",
-                 "_vgw", "_past", "__weakref__", "name")
+                 "_vgw", "_view_src", "_past", "__weakref__", "name")
     __array_ufunc__ = None  # make numpy defer to our reflected operators (np.float32(2) * t)
 
     def __init__(self, data, dtype=None, device=None, requires_grad=False):
@@ -238,6 +239,7 @@ class Tensor:
         self._post_hooks = None
         self._vc = [0, 0]
         self._vgw = None
+        self._view_src = None
         self._past = None
         self.name = None
 

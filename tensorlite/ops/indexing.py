@@ -37,7 +37,10 @@ class GetItem(Function):
 
     def forward(self, x, idx, advanced):
         self.in_shape, self.dtype, self.idx, self.advanced = x.shape, x.dtype, idx, advanced
-        return x[idx]
+        out = x[idx]
+        if not advanced and type(out) is not type(x):
+            out = x[idx + (Ellipsis,)]   # x[0] of a vector: a 0-d view, not a NumPy scalar copy
+        return out
 
     def backward(self, g):
         xp = backend.xp_of(g)
@@ -52,9 +55,12 @@ class GetItem(Function):
 def getitem(x: Tensor, idx) -> Tensor:
     arr_idx, advanced = _index_arrays(idx, x)
     try:
-        return GetItem.apply(x, idx=arr_idx, advanced=advanced)
+        out = GetItem.apply(x, idx=arr_idx, advanced=advanced)
     except IndexError as e:
         raise IndexError(f"index {idx!r} is invalid for a tensor of shape {x.shape}: {e}") from None
+    if out._vgw is not None and not advanced:
+        out._view_src = (x, arr_idx)    # so that x[idx] += v can be recorded (ops/inplace.py)
+    return out
 
 
 class IndexPut(Function):

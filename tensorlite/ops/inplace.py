@@ -18,8 +18,10 @@ takes over the history it had; each op recorded the version of each input it use
 
 Refused, each with an error that says what to do instead:
 - a leaf that requires grad (PyTorch's rule: its .grad would be the gradient of which value?);
-- a view of another tensor's memory (a slice, reshape, transpose or .detach() result): a
-  write through it would change the other tensor behind its history's back;
+- a write through a view (a reshape, transpose or .detach() result) would change the other
+  tensor behind its history's back, so it is refused, except for ``x[idx]`` (basic indexing)
+  of a tensor that is not itself a view: ``x[idx] += v`` / ``v = x[idx]; v *= 2`` are
+  recorded on x as ``x[idx] = x[idx] + v`` (IndexPut), as PyTorch's CopySlices does;
 - using a view taken before its base was changed by a recorded in-place op (its values are
   new, its history is not): checked in ``Function.apply``.
 A backward that needs a value an in-place op overwrote raises the version error, as before.
@@ -45,33 +47,52 @@ def _reads(ctx, old: Tensor) -> bool:
 
 
 def _view_refusal(t: Tensor, what: str) -> str:
+    if t._view_src is not None and t._vgw != t._vc[1]:
+        return (f"{what}: this tensor (shape {t.shape}) is a view of a tensor that was changed "
+                f"in place by a recorded op after the view was taken; take the view again")
     made = f"made by {t._ctx.name}" if t._ctx is not None else "taken outside the graph or by .detach()"
     return (f"{what}: this tensor (shape {t.shape}) is a view of another tensor's memory ({made}); "
-            f"tensorlite does not record writes through views, so the other tensor's history "
-            f"would not show the change. Change the tensor it views instead, make this one its "
-            f"own copy first (v = v.clone()), or use an out-of-place op (v = v + 1)")
+            f"tensorlite records a write through a view only for x[idx] of a tensor that is not "
+            f"itself a view, so the other tensor's history would not show this change. Change "
+            f"the tensor it views instead (x[idx] += 1), make this one its own copy first "
+            f"(v = v.clone()), or use an out-of-place op (v = v + 1)")
 
 
-def record(t: Tensor, what: str, compute) -> Tensor:
-    """Change ``t`` in place to ``compute(old)`` (a Tensor of t's shape, computed out of place
-    from ``old``, the stand-in for t's current value), recording it in the graph."""
-    if t._ctx is None and t.requires_grad:
-        raise RuntimeError(
-            f"{what}: a leaf tensor that requires grad (shape {t.shape}) is being used in an "
-            f"in-place operation; do it under tl.no_grad() (as optimizers do), or change a copy "
-            f"(w.clone())")
-    if t._vgw is not None:
-        raise RuntimeError(_view_refusal(t, what))
-    version = t._vc[0] + 1
+def _stand_in(t: Tensor, compute):
+    """(old, new): ``old`` a stand-in for t's current value and history, ``new`` =
+    compute(old), computed out of place and recorded."""
     old = Tensor._make(t.data, t.requires_grad, t._ctx)
-    old._vc = [version, 0]   # its memory is about to change: its own producer can tell
-    old._hooks = t._hooks    # hooks registered so far see the gradient of the old value
+    old._vc = [t._vc[0] + 1, 0]   # its memory is about to change: its own producer can tell
+    old._hooks = t._hooks         # hooks registered so far see the gradient of the old value
     new = compute(old)
     if _reads(new._ctx, old):
         # its backward needs the values we are about to overwrite (x.mul_(w), w needing
         # grad): give it its own copy, as PyTorch saves the original self
         old.data = t.data.copy()
         new = compute(old)
+    return old, new
+
+
+def _rebase(t: Tensor, old: Tensor, ctx, requires_grad: bool) -> None:
+    """t's history is now ``ctx``; ops that used t so far (versions below the current one)
+    reach ``old`` instead."""
+    t._past = (t._past or ()) + ((t._vc[0], old),)
+    t._hooks = None
+    t._ctx = ctx
+    t.requires_grad = requires_grad
+
+
+def record(t: Tensor, what: str, compute) -> Tensor:
+    """Change ``t`` in place to ``compute(old)`` (a Tensor of t's shape, computed out of place
+    from ``old``, the stand-in for t's current value), recording it in the graph."""
+    if t._vgw is not None:
+        return _record_through_view(t, what, compute)
+    if t._ctx is None and t.requires_grad:
+        raise RuntimeError(
+            f"{what}: a leaf tensor that requires grad (shape {t.shape}) is being used in an "
+            f"in-place operation; do it under tl.no_grad() (as optimizers do), or change a copy "
+            f"(w.clone())")
+    old, new = _stand_in(t, compute)
     if new.shape != t.shape:
         raise RuntimeError(f"{what}: the result has shape {new.shape}, but the tensor changed in "
                            f"place has shape {t.shape}; an in-place op cannot grow a tensor "
@@ -80,14 +101,31 @@ def record(t: Tensor, what: str, compute) -> Tensor:
         raise TypeError(f"{what}: the result requires grad but the tensor changed in place has "
                         f"dtype {t.dtype}; only float tensors can hold it")
     t.data[...] = new.data
-    t._vc[0] = version
+    t._vc[0] += 1
     t._vc[1] += 1            # views taken before now are stale (Function.apply refuses them)
-    t._past = (t._past or ()) + ((version, old),)   # ops that used versions < `version`
-    t._hooks = None
-    t._ctx = new._ctx
-    t.requires_grad = new.requires_grad
+    _rebase(t, old, new._ctx, new.requires_grad)
     if t._ctx is not None:
         t._ctx.out_version = None   # an output it saved is `new`'s own array, not t's memory
+    return t
+
+
+def _record_through_view(t: Tensor, what: str, compute) -> Tensor:
+    """``v = x[idx]; v += 1`` (and so ``x[idx] += 1``): recorded as ``x[idx] = v + 1`` on the
+    base, then v's history becomes ``x[idx]`` of the new x. Only for a view made by basic
+    indexing of a tensor that is not itself a view; other views are refused."""
+    src = t._view_src
+    if src is None or src[0]._vgw is not None or t._vgw != t._vc[1]:
+        raise RuntimeError(_view_refusal(t, what))
+    base, idx = src
+    old, new = _stand_in(t, compute)
+    if new.shape != t.shape:
+        raise RuntimeError(f"{what}: the result has shape {new.shape}, but the view changed in "
+                           f"place has shape {t.shape}")
+    record(base, f"{what} (through a view of it)", lambda old_base: _ix.IndexPut.apply(
+        old_base, new, idx=idx))
+    fresh = _ix.GetItem.apply(base, idx=idx, advanced=False)   # t's memory, now recorded
+    _rebase(t, old, fresh._ctx, fresh.requires_grad)
+    t._vgw = t._vc[1]
     return t
 
 
