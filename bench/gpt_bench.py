@@ -392,6 +392,41 @@ def table(cfg_name: str, res: dict, libs: list[str], peak: float) -> str:
     return "\n".join(out)
 
 
+# issue 14's goals, each checked against the same run's numbers by ``goals``
+GOAL_TRAIN_RATIO = 1.3      # training tokens/s, tensorlite / torch sdpa, every config
+GOAL_SMALL_MFU = 75.0       # % of the run's NumPy float32 GEMM peak, on small
+GOAL_GEN_KV_RATIO = 1.3     # KV-cache generation tokens/s / torch sdpa
+GOAL_GEN_NOCACHE_RATIO = 1.0
+
+
+def goals(res: dict, configs: list[str], peak: float, ref: str = "torch-sdpa") -> str:
+    """Lines saying, for each of issue 14's goals, what this run measured and whether it is
+    met (``ok`` / ``short``), so the bench itself reports them."""
+    def check(value, goal, unit=""):
+        if value is None:
+            return "-"
+        return f"{value:.2f}{unit} ({'ok' if value >= goal else 'short'})"
+
+    def ratio(kind, c, key):
+        a, b = res.get((kind, c, "tensorlite")), res.get((kind, c, ref))
+        return a[key] / b[key] if a and b and b[key] else None
+    out = [f"| goal | " + " | ".join(configs) + " |", "|---" + "|---:" * len(configs) + "|"]
+    out.append(f"| train tokens/s >= {GOAL_TRAIN_RATIO}x {ref} | " + " | ".join(
+        check(ratio("train", c, "tokens_per_s"), GOAL_TRAIN_RATIO, "x") for c in configs) + " |")
+    mfu = []
+    for c in configs:
+        r = res.get(("train", c, "tensorlite"))
+        mfu.append(check(100 * r["flops_per_token"] * r["tokens_per_s"] / 1e9 / peak,
+                         GOAL_SMALL_MFU, " %") if r and c == "small" else "-")
+    out.append(f"| MFU on small >= {GOAL_SMALL_MFU:.0f} % | " + " | ".join(mfu) + " |")
+    out.append(f"| gen KV cache >= {GOAL_GEN_KV_RATIO}x {ref} | " + " | ".join(
+        check(ratio("gen", c, "kv_tokens_per_s"), GOAL_GEN_KV_RATIO, "x") for c in configs) + " |")
+    out.append(f"| gen no cache >= {GOAL_GEN_NOCACHE_RATIO}x {ref} | " + " | ".join(
+        check(ratio("gen", c, "nocache_tokens_per_s"), GOAL_GEN_NOCACHE_RATIO, "x")
+        for c in configs) + " |")
+    return "\n".join(out)
+
+
 def header(info: dict, other_info: dict | None, unset: bool,
            threads: int | None = None) -> list[str]:
     b = info["blas"]
@@ -534,6 +569,9 @@ def main(argv=None) -> int:
               + (f"; {p['params']:,} params, {p['flops_per_token'] / 1e6:.1f} MFLOP/token" if p else "")
               + "\n")
         print(table(c, res, libs, peak))
+    if len(libs) > 1:
+        print("\n### issue 14's goals (bench/README.md)\n")
+        print(goals(res, configs, peak))
     wall = time.perf_counter() - t_start
     print(f"\nmedians of {args.steps} timed steps after {args.warmup} warmup, {args.repeats} "
           f"run(s) each; {'ratios are tensorlite / torch; ' if len(libs) > 1 else ''}"

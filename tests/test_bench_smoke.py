@@ -62,3 +62,16 @@ def test_threads_reach_tensorlite():
             "gemm_gflops": {"peak": 1.0}, "torch": {"version": "x", "cpu_capability": "y"}}
     assert "# threads: tensorlite 3 (" in "\n".join(gb.header(info, None, False, threads=3))
     assert ", torch 3 (" in gb.header(info, None, False, threads=3)[-1]
+
+
+def test_goals_report_what_the_run_measured():
+    res = {("train", "small", "tensorlite"): {"tokens_per_s": 2600.0, "flops_per_token": 80e6},
+           ("train", "small", "torch-sdpa"): {"tokens_per_s": 2000.0},
+           ("gen", "small", "tensorlite"): {"kv_tokens_per_s": 500.0, "nocache_tokens_per_s": 40.0},
+           ("gen", "small", "torch-sdpa"): {"kv_tokens_per_s": 300.0, "nocache_tokens_per_s": 50.0}}
+    md = gb.goals(res, ["small", "tiny"], peak=200.0)
+    lines = md.splitlines()
+    assert lines[0] == "| goal | small | tiny |"
+    assert "| 1.30x (ok) | - |" in lines[2]                       # 2600 / 2000
+    assert "104.00 % (ok)" in lines[3]                             # 80e6 * 2600 / 1e9 / 200
+    assert "1.67x (ok)" in lines[4] and "0.80x (short)" in lines[5]
