@@ -132,6 +132,9 @@ def cmd_prepare(args) -> int:
     options = options_from_flat(d)
     world = mpi_world()             # under mpiexec every rank prepares its share of the files
     rank = world.rank if world is not None else 0
+    if world is not None:
+        from parallel.world import install_abort_handler
+        install_abort_handler(world)    # a crash on one rank ends them all, never a hang
     done = not overwrite and rank == 0 and is_prepared(out, data, **options)
     if world is not None:
         done = world.comm.bcast(done, root=0)

@@ -13,6 +13,8 @@ any number of ranks. Rows are 2-D arrays of 8-byte integers, (n, width).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 
@@ -141,3 +143,14 @@ def broadcast_object(group, obj, root: int = 0):
 
 def all_sum(group, value: int) -> int:
     return int(counts_of_all(group, int(value)).sum())
+
+
+def idle_barrier(group, poll: float = 0.02) -> None:
+    """Wait for every rank, asleep: MPICH's blocking calls spin on a core, and while rank 0
+    trains the tokenizer (on every core of its machine) the others would take cores from it.
+    ``MPI_Ibarrier``, tested every ``poll`` seconds."""
+    if single(group):
+        return
+    request = group.comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll)

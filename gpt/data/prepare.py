@@ -1,18 +1,22 @@
 """Run the whole data pipeline into a prepared data folder, and read one back.
 
 ``prepare`` chains the stages (corpus -> clean -> dedup -> split -> tokenizer ->
-shards) and writes into ``out_dir``::
+shards), streamed in bounded memory through worker processes and, under mpiexec, over
+several ranks (`gpt.data.stream`), and writes into ``out_dir``::
 
-    report.json       what every stage kept and dropped, and how long it took
+    report.json       what every stage kept and dropped, how long it took, the processes
+                      and their peak memory
     tokenizer.model   the sentencepiece model (``tokenizer.json`` for the byte tokenizer)
     train.bin         token shard of the training documents, each followed by eos
-    val.bin           token shard of the validation documents
-    meta.json         vocab size, tokenizer kind, token counts, corpus fingerprint,
-                      the options, the folder format version
+    val.bin           token shard of the validation documents (under mpiexec: one train and
+                      one val shard per rank, ``train-00000-of-00002.bin`` ...)
+    meta.json         vocab size, tokenizer kind, token counts, the shards of each split,
+                      corpus fingerprint, the options, the folder format version
 
-The new folder is written beside ``out_dir`` (hidden, ``.<name>.partial-*``) and renamed
-into place only when complete, so *a folder with meta.json is a complete one*: a crash or
-an error mid-way leaves the previous content as it was (and no half-written folder).
+The new folder is written beside ``out_dir`` (hidden, ``.<name>.partial-*``, which also
+holds the cleaned text while the pipeline runs) and renamed into place only when complete,
+so *a folder with meta.json is a complete one*: a crash or an error mid-way leaves the
+previous content as it was (and no half-written folder).
 
 ``out_dir`` is sacred when it holds something else: `check_out_dir` refuses, before
 anything is read or written, a file, a non-empty folder that is not a prepared one (the
@@ -20,7 +24,8 @@ user's files), and a preparation of other data or with other options (naming its
 tokenizer and vocab size and what differs), unless ``overwrite=True`` (``--overwrite``).
 A preparation of the same data with the same options is prepared again in place (its
 input may have changed); the CLI first asks `is_prepared` and does nothing when the
-folder is already up to date.
+folder is already up to date. How it runs (``workers``, the ranks) is not an option: the
+output is the same.
 
 The split is by document and happens before the tokenizer is trained, so the tokenizer
 never sees validation text. A corpus of a single document (one big text file) is split
@@ -30,9 +35,8 @@ at the line boundary nearest to ``1 - val_fraction`` of its length instead.
 write for the same options and the same input (corpus fingerprint); ``ensure_prepared``
 prepares only when needed, so the default corpus is prepared once and reused.
 
-Timing (2 cores, Python 3.11, the 31.5 MB / 1790-file stdlib, bpe 4096): about 10 s in
-total (read 0.2 s, clean 0.7 s, dedup 2.3 s, tokenizer training 4 s, encode + write 3 s);
-each stage's time is in report.json.
+Timing: each stage's time is in report.json; bench/bench_prepare.py measures 0.1 to 1 GB
+(bench/README.md).
 """
 
 from __future__ import annotations
@@ -261,6 +265,7 @@ def prepare(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         err = exc
+    exchange.idle_barrier(group)  # the other ranks sleep while rank 0 walks the input
     stream._stop_together(group, err)
     target, staging, chunks, plan_report = exchange.broadcast_object(group, setup)
     target, staging = Path(target), Path(staging)
@@ -277,6 +282,7 @@ def prepare(
             meta, report = _write_meta_and_report(staging, result, plan_report, options, workers,
                                                   1 if group is None else group.size, t_start)
             _swap_in(staging, target, out)
+        exchange.idle_barrier(group)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         if rank == 0:

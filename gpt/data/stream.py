@@ -581,6 +581,7 @@ def run(
                     proto = tok.model_proto
                 except DataError as exc:
                     err = exc
+            exchange.idle_barrier(group)  # the other ranks sleep while rank 0 trains
             _stop_together(group, err)
             proto = exchange.broadcast_bytes(group, proto)
             if not is_root:
