@@ -329,8 +329,8 @@ class Trainer:
 
     def _baseline(self) -> float:
         """The dashed line of the plot: here the unigram model's validation loss."""
-        return unigram_baseline(np.asarray(self.train_loader._tokens()),
-                                np.asarray(self.val_loader._tokens()), self.tokenizer.vocab_size)
+        return unigram_baseline(np.asarray(self.train_loader.tokens()),
+                                np.asarray(self.val_loader.tokens()), self.tokenizer.vocab_size)
 
     def _batch_loss(self, batch):
         """The loss of one micro-batch (this rank's rows), a scalar Tensor."""

@@ -133,6 +133,13 @@ class BatchLoader:
 
     # ------------------------------------------------------------------ batches
 
+    def tokens(self) -> np.ndarray:
+        """The whole token stream: a read-only memory map of the shard (or the array), or the
+        concatenation of several shards (read into memory)."""
+        if len(self._parts) == 1:
+            return self._open(0)
+        return np.concatenate([self._open(k) for k in range(len(self._parts))])
+
     def _open(self, k: int) -> np.ndarray:
         source, dtype, count = self._parts[k]
         if isinstance(source, np.ndarray):
