@@ -5,7 +5,7 @@
     (x.tanh() @ x.T).sum().backward()
     x.grad
 """
-from . import backend, cpu
+from . import backend, cpu, jit
 from .cpu import get_num_threads, set_num_threads
 from .backend import cuda_available, cuda_unavailable_reason
 from .creation import (arange, eye, full, ones, ones_like, rand, randint, randn, tensor, zeros,

@@ -115,23 +115,24 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **params):
+        if _grad_mode.enabled:
+            for t in inputs:
+                if isinstance(t, Tensor) and t._vgw is not None and t._vgw != t._vc[1]:
+                    # a view taken before its base was changed by a recorded op: its values
+                    # are new, so its history becomes "that view of the new base" (as PyTorch)
+                    _ip.refresh_view(t, cls.__name__)
         ctx = cls()
         arrays = [t.data if isinstance(t, Tensor) else t for t in inputs]
         out = ctx.forward(*arrays, **params)
+        if type(out) is not np.ndarray and isinstance(out, np.generic):
+            out = np.asarray(out)   # a full reduction's NumPy scalar: a 0-d array, writable
         result = None
         if _grad_mode.enabled:
             needs = tuple(isinstance(t, Tensor) and t.requires_grad for t in inputs)
             if any(needs):
                 # every input's version: for the saved-value check, and to know which value
                 # of a tensor changed in place since this op used (see inputs())
-                versions = []
-                for t, need in zip(inputs, needs):
-                    if need:
-                        if t._vgw is not None and t._vgw != t._vc[1]:
-                            _stale_view(cls, t)
-                        versions.append(t._vc[0])
-                    else:
-                        versions.append(t._vc[0] if isinstance(t, Tensor) else 0)
+                versions = [t._vc[0] if isinstance(t, Tensor) else 0 for t in inputs]
                 ctx.parents = inputs
                 ctx.needs_input_grad = needs
                 ctx.freed = False
@@ -140,7 +141,7 @@ class Function:
         if result is None:
             result = Tensor._make(out, False, None)
         if cls.makes_view and isinstance(inputs[0], Tensor):
-            _share_if_view(result, inputs[0])
+            _share_if_view(result, inputs[0], cls, params)
         if cls.saves_output and result._ctx is not None:
             ctx.out_version = result._vc[0]
         return result
@@ -179,21 +180,19 @@ def _at_version(p, v):
     return p
 
 
-def _share_if_view(out: "Tensor", base: "Tensor") -> None:
+def _share_if_view(out: "Tensor", base: "Tensor", cls, params: dict) -> None:
     """``out`` came from a view op on ``base``: if it shares its memory, it shares its version
-    counter, and remembers how many graph writes ``base`` had seen (see _stale_view)."""
+    counter, remembers how many recorded writes ``base`` had seen (the view is stale once that
+    count moves on), and, when the op can map a new value of the view back onto its base
+    (``cls.unview``), how it was made: so that a write through the view can be recorded on
+    the base, and a stale view be given the history of the same view of the new base
+    (tensorlite/ops/inplace.py)."""
     a, b = out.data, base.data
     if a is b or backend.xp_of(a).may_share_memory(a, b):
         out._vc = base._vc
         out._vgw = base._vc[1] if base._vgw is None else base._vgw
-
-
-def _stale_view(cls, t: "Tensor") -> None:
-    raise RuntimeError(
-        f"{cls.__name__}: an input (a tensor of shape {t.shape}) is a view of a tensor that was "
-        f"changed in place by a recorded op after the view was taken: its values are new but "
-        f"its history is not; take the view again after the in-place change, or change a "
-        f"copy (x = x.clone()) instead")
+        if hasattr(cls, "unview"):
+            out._view_src = (base, cls, params)
 
 
 def unbroadcast(grad, shape):
@@ -218,8 +217,8 @@ class Tensor:
     """
     # _vc: the version counter [in-place changes, recorded (graph) in-place changes], shared
     # with the tensors whose memory this one shares (views, .detach()); _vgw: for a view, the
-    # second count when it was taken (None: not a view); _view_src: for x[idx] that is a view,
-    # (x, idx); _past: see tensorlite/ops/inplace.py
+    # second count when it was taken (None: not a view); _view_src: for a view, (base, the
+    # view op, its parameters); _past: see tensorlite/ops/inplace.py
     __slots__ = ("data", "requires_grad", "grad", "_ctx", "_hooks", "_post_hooks", "_vc",
                  "_vgw", "_view_src", "_past", "__weakref__", "name")
     __array_ufunc__ = None  # make numpy defer to our reflected operators (np.float32(2) * t)

@@ -259,6 +259,7 @@ class LogSigmoid(Function):
     """log(sigmoid(x)) = -log(1 + exp(-x)), without overflow or log(0) at any x:
     -(max(-x, 0) + log1p(exp(-|x|))). Its derivative is sigmoid(-x), 1/2 at x = 0 (a
     composition of relu and abs would give 0 there: their subgradients at 0 are 0)."""
+    saved_inputs = (0,)
 
     def forward(self, x):
         xp = backend.xp_of(x)

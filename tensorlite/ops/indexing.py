@@ -19,7 +19,7 @@ def _index_arrays(idx, x: Tensor):
             check_same_device("getitem", x, it)
             if it.dtype.kind == "f":
                 raise IndexError(f"indices must be integers or booleans, got a {it.dtype} tensor")
-            it = it.data
+            it = it.data.copy()   # the backward scatters by it: a later change must not count
             advanced = True
         elif isinstance(it, list):
             it = xp.asarray(it)
@@ -27,7 +27,7 @@ def _index_arrays(idx, x: Tensor):
         elif hasattr(it, "dtype") and hasattr(it, "shape") and not isinstance(it, (int, slice)):
             if getattr(it, "ndim", 0) > 0 or it.dtype.kind == "b":
                 advanced = True
-            it = xp.asarray(it)
+            it = xp.array(it)     # a copy, as for a Tensor index
         out.append(it)
     return tuple(out), advanced
 
@@ -41,6 +41,11 @@ class GetItem(Function):
         if not advanced and type(out) is not type(x):
             out = x[idx + (Ellipsis,)]   # x[0] of a vector: a 0-d view, not a NumPy scalar copy
         return out
+
+    @staticmethod
+    def unview(old_base, new, idx, advanced):
+        """The base with ``new`` written where this view looks (a write through the view)."""
+        return IndexPut.apply(old_base, new, idx=idx)
 
     def backward(self, g):
         xp = backend.xp_of(g)
@@ -58,8 +63,6 @@ def getitem(x: Tensor, idx) -> Tensor:
         out = GetItem.apply(x, idx=arr_idx, advanced=advanced)
     except IndexError as e:
         raise IndexError(f"index {idx!r} is invalid for a tensor of shape {x.shape}: {e}") from None
-    if out._vgw is not None and not advanced:
-        out._view_src = (x, arr_idx)    # so that x[idx] += v can be recorded (ops/inplace.py)
     return out
 
 
@@ -69,6 +72,7 @@ class IndexPut(Function):
 
     def forward(self, x, v, idx):
         self.idx = idx
+        self.v_shape = getattr(v, "shape", ())
         out = x.copy()
         out[idx] = v
         return out
@@ -80,6 +84,9 @@ class IndexPut(Function):
             gx[self.idx] = 0            # what was overwritten no longer reaches the output
         if self.needs_input_grad[1]:
             gv = g[self.idx]            # the engine sums it back to v's shape
+            extra = len(self.v_shape) - gv.ndim
+            if extra > 0:               # v had leading 1-dims NumPy dropped on assignment
+                gv = gv.reshape((1,) * extra + gv.shape)
         return gx, gv
 
 
@@ -129,7 +136,19 @@ class MaskedFill(Function):
 
 
 def masked_fill(x: Tensor, mask, value) -> Tensor:
-    """``value`` where ``mask`` is True (mask broadcasts to x's shape), x elsewhere."""
+    """``value`` where ``mask`` is True (mask broadcasts to x's shape), x elsewhere. A tensor
+    ``value`` (one element) gets its gradient: the sum of the output's where mask is True."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"masked_fill: value must be a number or a one-element tensor, "
+                             f"got a tensor of shape {value.shape}")
+        if value.requires_grad:
+            out = where(mask, value.reshape(()).astype(x.dtype), x)
+            if out.shape != x.shape:
+                raise ValueError(f"masked_fill: mask of shape {tuple(mask.shape)} would grow "
+                                 f"the tensor's shape {x.shape}")
+            return out
+        value = value.item()
     if not isinstance(mask, Tensor):
         mask = Tensor(mask, device=x.device)
     if mask.dtype.kind != "b":

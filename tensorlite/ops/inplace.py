@@ -16,27 +16,33 @@ takes over the history it had; each op recorded the version of each input it use
     c += c + 1        # c + 1 used c at version 0; the += records Add(old c, c + 1)
     (c * 2).sum().backward()   # a.grad = b.grad = 4
 
-Refused, each with an error that says what to do instead:
-- a leaf that requires grad (PyTorch's rule: its .grad would be the gradient of which value?);
-- a write through a view (a reshape, transpose or .detach() result) would change the other
-  tensor behind its history's back, so it is refused, except for ``x[idx]`` (basic indexing)
-  of a tensor that is not itself a view: ``x[idx] += v`` / ``v = x[idx]; v *= 2`` are
-  recorded on x as ``x[idx] = x[idx] + v`` (IndexPut), as PyTorch's CopySlices does;
-- using a view taken before its base was changed by a recorded in-place op (its values are
-  new, its history is not): checked in ``Function.apply``.
-A backward that needs a value an in-place op overwrote raises the version error, as before.
+Views (x[idx], reshape/view, transpose/permute, squeeze/unsqueeze, split/chunk) share their
+base's memory and version counter, and know how they were made. A write through a view is
+recorded on its base as the base's new value (``unview``: for x[idx], ``x[idx] = new``, as
+PyTorch's CopySlices), down a chain of views to the first base; then the view's history is the
+same view of the new base. A view taken before its base was changed by a recorded op is given
+that history when it is next used (``refresh_view``), as PyTorch regenerates a view's grad_fn.
+
+Refused, each with an error that says what to do instead: a leaf that requires grad (PyTorch's
+rule), and a write through memory shared some other way (.detach(), .expand()).
+A backward that needs a value an in-place op overwrote raises the version error.
 """
 from __future__ import annotations
 
 from .. import backend
-from ..tensor import Tensor, is_grad_enabled, no_grad
+from ..tensor import Tensor, enable_grad, is_grad_enabled, no_grad
 from . import elementwise as _ew
 from . import indexing as _ix
 
 
+def _stale(t: Tensor) -> bool:
+    """A view taken before its base was changed by a recorded in-place op."""
+    return t._vgw is not None and t._vgw != t._vc[1]
+
+
 def _recorded(t: Tensor, operands) -> bool:
     """Whether changing ``t`` with these operands is part of a graph."""
-    return is_grad_enabled() and (t.requires_grad or any(
+    return is_grad_enabled() and (t.requires_grad or _stale(t) or any(
         isinstance(o, Tensor) and o.requires_grad for o in operands))
 
 
@@ -47,15 +53,11 @@ def _reads(ctx, old: Tensor) -> bool:
 
 
 def _view_refusal(t: Tensor, what: str) -> str:
-    if t._view_src is not None and t._vgw != t._vc[1]:
-        return (f"{what}: this tensor (shape {t.shape}) is a view of a tensor that was changed "
-                f"in place by a recorded op after the view was taken; take the view again")
-    made = f"made by {t._ctx.name}" if t._ctx is not None else "taken outside the graph or by .detach()"
-    return (f"{what}: this tensor (shape {t.shape}) is a view of another tensor's memory ({made}); "
-            f"tensorlite records a write through a view only for x[idx] of a tensor that is not "
-            f"itself a view, so the other tensor's history would not show this change. Change "
-            f"the tensor it views instead (x[idx] += 1), make this one its own copy first "
-            f"(v = v.clone()), or use an out-of-place op (v = v + 1)")
+    how = "made by .expand()" if t._ctx is not None and t._ctx.name == "Expand" else \
+        "taken by .detach() or outside the graph"
+    return (f"{what}: this tensor (shape {t.shape}) shares its memory with another tensor "
+            f"({how}), and a write through it cannot be recorded on that tensor; change a copy "
+            f"(v = v.clone()) or use an out-of-place op (v = v + 1)")
 
 
 def _stand_in(t: Tensor, compute):
@@ -82,6 +84,16 @@ def _rebase(t: Tensor, old: Tensor, ctx, requires_grad: bool) -> None:
     t.requires_grad = requires_grad
 
 
+def _check_result(t: Tensor, new: Tensor, what: str) -> None:
+    if new.shape != t.shape:
+        raise RuntimeError(f"{what}: the result has shape {new.shape}, but the tensor changed in "
+                           f"place has shape {t.shape}; an in-place op cannot change a tensor's "
+                           f"shape (broadcast the other way, or use an out-of-place op)")
+    if new.requires_grad and t.dtype.kind != "f":
+        raise TypeError(f"{what}: the result requires grad but the tensor changed in place has "
+                        f"dtype {t.dtype}; only float tensors can hold it")
+
+
 def record(t: Tensor, what: str, compute) -> Tensor:
     """Change ``t`` in place to ``compute(old)`` (a Tensor of t's shape, computed out of place
     from ``old``, the stand-in for t's current value), recording it in the graph."""
@@ -93,16 +105,10 @@ def record(t: Tensor, what: str, compute) -> Tensor:
             f"in-place operation; do it under tl.no_grad() (as optimizers do), or change a copy "
             f"(w.clone())")
     old, new = _stand_in(t, compute)
-    if new.shape != t.shape:
-        raise RuntimeError(f"{what}: the result has shape {new.shape}, but the tensor changed in "
-                           f"place has shape {t.shape}; an in-place op cannot grow a tensor "
-                           f"(broadcast the other way, or use an out-of-place op)")
-    if new.requires_grad and t.dtype.kind != "f":
-        raise TypeError(f"{what}: the result requires grad but the tensor changed in place has "
-                        f"dtype {t.dtype}; only float tensors can hold it")
+    _check_result(t, new, what)
     t.data[...] = new.data
     t._vc[0] += 1
-    t._vc[1] += 1            # views taken before now are stale (Function.apply refuses them)
+    t._vc[1] += 1            # views taken before now are stale (see refresh_view)
     _rebase(t, old, new._ctx, new.requires_grad)
     if t._ctx is not None:
         t._ctx.out_version = None   # an output it saved is `new`'s own array, not t's memory
@@ -110,28 +116,74 @@ def record(t: Tensor, what: str, compute) -> Tensor:
 
 
 def _record_through_view(t: Tensor, what: str, compute) -> Tensor:
-    """``v = x[idx]; v += 1`` (and so ``x[idx] += 1``): recorded as ``x[idx] = v + 1`` on the
-    base, then v's history becomes ``x[idx]`` of the new x. Only for a view made by basic
-    indexing of a tensor that is not itself a view; other views are refused."""
+    """``v = x[idx]; v += 1`` (and so ``x[idx] += 1``, ``x.view(-1).mul_(2)``,
+    ``x.T[0] = 0``): recorded on the base as its new value (the view op's ``unview``: for
+    x[idx], ``x[idx] = v + 1``, as PyTorch's CopySlices), then the view's history becomes
+    the same view of the new base. A view of a view goes down the chain to the first base."""
+    if _stale(t):
+        refresh_view(t, what)
     src = t._view_src
-    if src is None or src[0]._vgw is not None or t._vgw != t._vc[1]:
+    if src is None:
         raise RuntimeError(_view_refusal(t, what))
-    base, idx = src
+    base, cls, params = src
     old, new = _stand_in(t, compute)
-    if new.shape != t.shape:
-        raise RuntimeError(f"{what}: the result has shape {new.shape}, but the view changed in "
-                           f"place has shape {t.shape}")
-    record(base, f"{what} (through a view of it)", lambda old_base: _ix.IndexPut.apply(
-        old_base, new, idx=idx))
-    fresh = _ix.GetItem.apply(base, idx=idx, advanced=False)   # t's memory, now recorded
-    _rebase(t, old, fresh._ctx, fresh.requires_grad)
-    t._vgw = t._vc[1]
+    _check_result(t, new, what)
+    record(base, f"{what} (through a view of it)",
+           lambda old_base: cls.unview(old_base, new, **params))
+    _remake(t, old)
     return t
 
 
-def _write(t: Tensor, change) -> Tensor:
-    """Outside a graph: change t's array in place and bump its version."""
-    change(t.data)
+def _remake(t: Tensor, old: Tensor) -> None:
+    """Give view ``t`` the history of the same view of its base as it is now."""
+    base, cls, params = t._view_src
+    fresh = cls.apply(base, **params)      # (a new array on the same memory; t keeps its own)
+    _rebase(t, old, fresh._ctx, fresh.requires_grad)
+    t._vgw = t._vc[1]
+
+
+def refresh_view(t: Tensor, what: str) -> None:
+    """A view taken before its base was changed by a recorded op is about to be used (or
+    written): its values are the base's new ones, so its history becomes that view of the new
+    base, as PyTorch regenerates a view's grad_fn. Ops that used it before keep its old
+    history. A view that does not know its base (``.detach()``) cannot: refused."""
+    src = t._view_src
+    if src is None:
+        raise RuntimeError(
+            f"{what}: a tensor of shape {t.shape} shares its memory with a tensor that was "
+            f"changed in place by a recorded op after it was taken (by .detach(), .expand() or "
+            f"outside the graph), so its values are new but its history is not; take it again "
+            f"after the change, or change a copy (x = x.clone()) instead")
+    base = src[0]
+    if _stale(base):
+        refresh_view(base, what)
+    old = Tensor._make(t.data, t.requires_grad, t._ctx)
+    old._vc = [t._vc[0], 0]       # its values changed: a producer that saved them can tell
+    old._hooks = t._hooks
+    with enable_grad():
+        _remake(t, old)
+
+
+def _write(t: Tensor, change, what: str, operand=None) -> Tensor:
+    """Outside a graph: change t's array in place and bump its version, with NumPy's errors
+    for a shape or dtype that cannot be written said in tensorlite's words."""
+    shape = getattr(operand, "shape", None)
+    if shape is not None and tuple(shape) != t.shape:
+        try:
+            fits = backend.xp_of(t.data).broadcast_shapes(tuple(shape), t.shape) == t.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise RuntimeError(f"{what}: an operand of shape {tuple(shape)} cannot be written "
+                               f"into a tensor of shape {t.shape} in place (it must broadcast "
+                               f"to that shape); use an out-of-place op")
+    try:
+        change(t.data)
+    except TypeError as e:
+        odt = getattr(operand, "dtype", type(operand).__name__)
+        raise TypeError(f"{what}: the result ({odt} operand) cannot be stored in a tensor of "
+                        f"dtype {t.dtype} in place ({e}); use an out-of-place op, or convert "
+                        f"first (.float())") from None
     t._vc[0] += 1
     return t
 
@@ -143,25 +195,25 @@ def _arr(o):
 def add_(t: Tensor, o, what: str = "add_") -> Tensor:
     if _recorded(t, (o,)):
         return record(t, what, lambda old: _ew.add(old, o))
-    return _write(t, lambda a: a.__iadd__(_arr(o)))
+    return _write(t, lambda a: a.__iadd__(_arr(o)), what, o)
 
 
 def sub_(t: Tensor, o, what: str = "sub_") -> Tensor:
     if _recorded(t, (o,)):
         return record(t, what, lambda old: _ew.sub(old, o))
-    return _write(t, lambda a: a.__isub__(_arr(o)))
+    return _write(t, lambda a: a.__isub__(_arr(o)), what, o)
 
 
 def mul_(t: Tensor, o, what: str = "mul_") -> Tensor:
     if _recorded(t, (o,)):
         return record(t, what, lambda old: _ew.mul(old, o))
-    return _write(t, lambda a: a.__imul__(_arr(o)))
+    return _write(t, lambda a: a.__imul__(_arr(o)), what, o)
 
 
 def div_(t: Tensor, o, what: str = "div_") -> Tensor:
     if _recorded(t, (o,)):
         return record(t, what, lambda old: _ew.div(old, o))
-    return _write(t, lambda a: a.__itruediv__(_arr(o)))
+    return _write(t, lambda a: a.__itruediv__(_arr(o)), what, o)
 
 
 def clip_(t: Tensor, min=None, max=None) -> Tensor:
@@ -169,7 +221,7 @@ def clip_(t: Tensor, min=None, max=None) -> Tensor:
         return record(t, "clamp_", lambda old: _ew.clip(old, min, max))
     with no_grad():
         new = _ew.clip(t, min, max).data    # (its checks of min and max)
-    return _write(t, lambda a: a.__setitem__(Ellipsis, new))
+    return _write(t, lambda a: a.__setitem__(Ellipsis, new), "clamp_")
 
 
 def masked_fill_(t: Tensor, mask, value) -> Tensor:
@@ -177,7 +229,7 @@ def masked_fill_(t: Tensor, mask, value) -> Tensor:
         return record(t, "masked_fill_", lambda old: _ix.masked_fill(old, mask, value))
     with no_grad():
         new = _ix.masked_fill(t, mask, value).data
-    return _write(t, lambda a: a.__setitem__(Ellipsis, new))
+    return _write(t, lambda a: a.__setitem__(Ellipsis, new), "masked_fill_")
 
 
 def setitem_(t: Tensor, idx, value) -> None:
@@ -188,20 +240,28 @@ def setitem_(t: Tensor, idx, value) -> None:
             _ew.check_same_device("setitem", t, value)
         record(t, "setitem", lambda old: _ix.IndexPut.apply(old, value, idx=arr_idx))
         return
-    _write(t, lambda a: a.__setitem__(arr_idx, _arr(value)))
+    _write(t, lambda a: a.__setitem__(arr_idx, _arr(value)), "setitem")
 
 
 def copy_(t: Tensor, src) -> Tensor:
     """``t``'s values become ``src``'s (broadcast to t's shape, cast to its dtype, moved to
     its device); in a graph src gets the gradient and t's old value none."""
     arr = _arr(src)
+    shape = tuple(getattr(arr, "shape", ()))
+    try:
+        fits = backend.xp_of(t.data).broadcast_shapes(shape, t.shape) == t.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise RuntimeError(f"copy_: a source of shape {shape} cannot be copied into a tensor of "
+                           f"shape {t.shape} (it must broadcast to that shape)")
     if backend.device_of(arr) != t.device:
         if isinstance(src, Tensor):
             src = src.to(t.device)
         arr = backend.to_device(arr, t.device)
     if _recorded(t, (src,)):
         return record(t, "copy_", lambda old: _ew.Fill.apply(old, src))
-    return _write(t, lambda a: a.__setitem__(Ellipsis, arr))
+    return _write(t, lambda a: a.__setitem__(Ellipsis, arr), "copy_", arr)
 
 
 def fill_(t: Tensor, value, what: str = "fill_") -> Tensor:
@@ -209,11 +269,11 @@ def fill_(t: Tensor, value, what: str = "fill_") -> Tensor:
         return copy_(t, value)
     if _recorded(t, ()):
         return record(t, what, lambda old: _ew.Fill.apply(old, value))
-    return _write(t, lambda a: a.__setitem__(Ellipsis, value))
+    return _write(t, lambda a: a.__setitem__(Ellipsis, value), what)
 
 
 def overwrite_(t: Tensor, make, what: str) -> Tensor:
     """``t``'s values become ``make()`` (an array), whatever they were (normal_, uniform_)."""
     if _recorded(t, ()):
         return record(t, what, lambda old: _ew.Fill.apply(old, make()))
-    return _write(t, lambda a: a.__setitem__(Ellipsis, make()))
+    return _write(t, lambda a: a.__setitem__(Ellipsis, make()), what)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, cpu
+from .. import backend, cpu, jit
 from ..tensor import Function, Tensor, is_grad_enabled
 from .shape import _dim
 
@@ -391,6 +391,17 @@ class LayerNorm(Function):
         rstd = xp.empty((n, 1), dtype=x.dtype)
 
         inv_c = 1.0 / c
+        if jit.use_for(x2):                                     # compiled, one loop per row
+            lnf = jit.kernels().layernorm_forward
+            w1 = w if w is not None else xp.ones(c, x.dtype)
+            b1 = b if b is not None else xp.zeros(c, x.dtype)
+
+            def kernel(lo, hi):
+                lnf(x2[lo:hi], w1, b1, eps, out[lo:hi], mu[lo:hi], rstd[lo:hi])
+            cpu.for_rows(kernel, n, c, xp)
+            self.x2, self.mu, self.rstd, self.w, self.has_b = x2, mu, rstd, w, b is not None
+            self.shape = x.shape
+            return out.reshape(x.shape)
 
         def kernel(lo, hi):   # sums times 1/C: ndarray.mean costs a Python wrapper per call
             xb = x2[lo:hi]
@@ -420,7 +431,24 @@ class LayerNorm(Function):
         gx = xp.empty_like(x2)
         need_x = self.needs_input_grad[0]
         inv_c = 1.0 / c
+        if jit.use_for(x2, g2):                                 # compiled, one loop per row
+            lnb = jit.kernels().layernorm_backward
+            w1 = w if w is not None else xp.ones(c, x2.dtype)
 
+            def kernel(lo, hi):
+                gw_part, gb_part = xp.zeros(c, x2.dtype), xp.zeros(c, x2.dtype)
+                lnb(x2[lo:hi], g2[lo:hi], w1, mu[lo:hi], rstd[lo:hi],
+                    gx[lo:hi] if need_x else x2[lo:lo], gw_part, gb_part, need_x)
+                return gw_part, gb_part
+        else:
+            kernel = self._numpy_backward_kernel(x2, g2, mu, rstd, w, gx, need_x, inv_c, xp)
+        gw_sum, gb_sum = cpu.map_rows(kernel, n, c, xp)
+        gw = gw_sum if w is not None and self.needs_input_grad[1] else None
+        gbias = gb_sum if self.has_b and self.needs_input_grad[2] else None
+        return (gx.reshape(self.shape) if need_x else None), gw, gbias
+
+    @staticmethod
+    def _numpy_backward_kernel(x2, g2, mu, rstd, w, gx, need_x, inv_c, xp):
         def kernel(lo, hi):
             xhat = (x2[lo:hi] - mu[lo:hi]) * rstd[lo:hi]
             gb = g2[lo:hi]
@@ -436,10 +464,7 @@ class LayerNorm(Function):
                 dxhat -= xhat
                 xp.multiply(dxhat, rstd[lo:hi], out=gx[lo:hi])
             return parts
-        gw_sum, gb_sum = cpu.map_rows(kernel, n, c, xp)
-        gw = gw_sum if w is not None and self.needs_input_grad[1] else None
-        gbias = gb_sum if self.has_b and self.needs_input_grad[2] else None
-        return (gx.reshape(self.shape) if need_x else None), gw, gbias
+        return kernel
 
 
 class RMSNorm(Function):
@@ -606,6 +631,9 @@ def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, Tr
     dk = xp.empty_like(k) if need[1] else None
     dv = xp.empty_like(v) if need[2] else None
 
+    softmax_back = (jit.kernels().softmax_scores_backward
+                    if dscores is None and jit.use_for(p) else None)
+
     def kernel(lo, hi):
         if dv is not None:
             xp.matmul(p_used[lo:hi].swapaxes(-1, -2), g[lo:hi], out=dv[lo:hi])
@@ -613,11 +641,14 @@ def attention_backward(g, q, k, v, p, p_used, dmask, scale, need=(True, True, Tr
         if dmask is not None:
             ds *= dmask[lo:hi]
         pb = p[lo:hi]
-        ds -= (ds * pb).sum(axis=-1, keepdims=True)
-        ds *= pb                                                             # dS
-        if dscores is not None:
-            dscores[lo:hi] = ds
-        ds *= scale
+        if softmax_back is not None:                   # compiled: dS * scale in one pass
+            softmax_back(ds, pb, scale)
+        else:
+            ds -= (ds * pb).sum(axis=-1, keepdims=True)
+            ds *= pb                                                         # dS
+            if dscores is not None:
+                dscores[lo:hi] = ds
+            ds *= scale
         if dq is not None:
             xp.matmul(ds, k[lo:hi], out=dq[lo:hi])
         if dk is not None:
@@ -750,6 +781,7 @@ class Rotary(Function):
     y = [x1 cos - x2 sin, x2 cos + x1 sin]. Its backward is the rotation by the opposite
     angle: dx = [g1 cos + g2 sin, g2 cos - g1 sin].
     """
+    saved_inputs = (1, 2)
 
     def forward(self, x, cos, sin):
         self.cos, self.sin = cos, sin

@@ -31,6 +31,11 @@ class Reshape(Function):
     def backward(self, g):
         return g.reshape(self.in_shape)
 
+    @staticmethod
+    def unview(old_base, new, shape):
+        """A write through this view, as the base's new value (it covers all of the base)."""
+        return Reshape.apply(new, shape=old_base.shape)
+
 
 def reshape(x: Tensor, *shape) -> Tensor:
     shape = _shape_arg(shape)
@@ -69,6 +74,10 @@ class Permute(Function):
 
     def backward(self, g):
         return g.transpose(self.inv)
+
+    @staticmethod
+    def unview(old_base, new, dims):
+        return Permute.apply(new, dims=tuple(sorted(range(len(dims)), key=dims.__getitem__)))
 
 
 def permute(x: Tensor, *dims) -> Tensor:
@@ -213,6 +222,13 @@ class Slice(Function):
         idx[self.axis] = slice(self.lo, self.hi)
         out[tuple(idx)] = g
         return out
+
+    @staticmethod
+    def unview(old_base, new, axis, lo, hi):
+        from .indexing import IndexPut
+        idx = [slice(None)] * old_base.ndim
+        idx[axis] = slice(lo, hi)
+        return IndexPut.apply(old_base, new, idx=tuple(idx))
 
 
 def split(x: Tensor, split_size, dim: int = 0):
