@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from tensorlite import backend, cpu
+from tensorlite import backend, cpu, jit
 from tensorlite.tensor import Tensor
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm_"]
@@ -339,15 +339,29 @@ def _adam_update_blocked(p, g, m, v, *args) -> None:
     operations); the intermediate passes hit the cache instead of memory. On CuPy one kernel
     per pass over the whole array is already the fast way."""
     n = _CPU_BLOCK
-    if (backend.is_cupy_array(p) or p.size <= n or
+    if (backend.is_cupy_array(p) or (p.size <= n and not jit.use_for(p, g, m, v)) or
             not all(a.flags.c_contiguous for a in (p, g, m, v))):
         _adam_update(p, g, m, v, *args)
         return
     pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)   # views
+    if jit.use_for(p, g, m, v):              # opt-in: one compiled pass, bit-identical
+        update = jit.kernels().adam_update
+        consts = _adam_constants(p.dtype.type, *args)
 
-    def kernel(lo, hi):
-        _adam_update(pf[lo:hi], gf[lo:hi], mf[lo:hi], vf[lo:hi], *args)
+        def kernel(lo, hi):
+            update(pf[lo:hi], gf[lo:hi], mf[lo:hi], vf[lo:hi], *consts)
+    else:
+        def kernel(lo, hi):
+            _adam_update(pf[lo:hi], gf[lo:hi], mf[lo:hi], vf[lo:hi], *args)
     cpu.for_rows(kernel, pf.size, 1, block=n)
+
+
+def _adam_constants(dt, step, lr, beta1, beta2, eps, decoupled_wd):
+    """The scalars of ``_adam_update``, each in the parameter's dtype as NumPy casts them."""
+    bc1 = 1.0 - beta1 ** step
+    s = math.sqrt(1.0 - beta2 ** step)
+    return (dt(1.0 - lr * decoupled_wd), dt(beta1), dt(1.0 - beta1), dt(beta2), dt(1.0 - beta2),
+            dt(eps * s), dt(lr * s / bc1))
 
 
 class Adam(Optimizer):

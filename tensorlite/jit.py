@@ -6,10 +6,12 @@ softmax take a large share of a step. These kernels do each in one loop per row,
 numba: the same math as the NumPy code beside each call site (``tensorlite/ops/nn.py``), which
 stays the reference and the default.
 
-Not compiled, on purpose: anything built on exp or tanh (GELU, softmax forward,
-cross-entropy). NumPy's exp and tanh are vectorised (about 0.4 ns an element here); numba's
-call the scalar libm functions (2.4 ns for exp, 16 ns for tanh: measured), so a one-pass
-GELU kernel was 17x slower than NumPy's nine passes.
+Not compiled: exp and tanh themselves. NumPy's are vectorised (about 0.4 ns an element
+here); numba's call the scalar libm functions (2.4 ns for exp, 16 ns for tanh: measured), so
+a one-pass GELU kernel was 17x slower than NumPy's nine passes. GELU is therefore three
+passes: a kernel for tanh's argument, NumPy's tanh, a kernel for the rest. Softmax forward
+and cross-entropy stay NumPy. AdamW's update is one pass, without fastmath: bit-identical
+to the NumPy code.
 
 Opt in with ``TENSORLITE_JIT=1`` in the environment or ``tl.jit.enable()``, after
 ``pip install 'tensorlite[jit]'`` (numba). Without numba, or without opting in, nothing here
@@ -91,7 +93,8 @@ def _build():
 
     import numba as nb
 
-    jit = nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+    jit = nb.njit(nogil=True, cache=True, error_model="numpy",
+                  fastmath={"reassoc", "contract", "nsz"})
 
     @jit
     def layernorm_forward(x, w, b, eps, out, mu, rstd):
@@ -149,9 +152,44 @@ def _build():
                 for j in range(tk):
                     ds[h, i, j] = scale * p[h, i, j] * (ds[h, i, j] - acc)
 
+    @jit
+    def gelu_tanh_arg(x, z, c, a):
+        """z = c (x + a x^3): tanh's argument (NumPy's vectorised tanh then runs on z)."""
+        for i in range(x.size):
+            v = x[i]
+            z[i] = c * (v * (1.0 + a * v * v))
+
+    @jit
+    def gelu_tanh_finish(x, t, out):
+        """out = 0.5 x (1 + t), t = tanh(c (x + a x^3))."""
+        for i in range(x.size):
+            out[i] = 0.5 * x[i] * (1.0 + t[i])
+
+    @jit
+    def gelu_tanh_grad_finish(x, t, g, out, c, a):
+        """out = g (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2))."""
+        for i in range(x.size):
+            v = x[i]
+            ti = t[i]
+            out[i] = g[i] * (0.5 * (1.0 + ti) + 0.5 * v * (1.0 - ti * ti) * c * (1.0 + 3.0 * a * v * v))
+
+    # Adam(W): the same float operations in the same order as nn.optim._adam_update, no
+    # fastmath: bit-identical to the NumPy passes, in one pass instead of thirteen
+    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    def adam_update(p, g, m, v, decay, b1, one_b1, b2, one_b2, eps_s, step_size):
+        for i in range(p.size):
+            gi = g[i]
+            pi = p[i] * decay
+            mi = m[i] * b1 + gi * one_b1
+            vi = v[i] * b2 + (gi * gi) * one_b2
+            m[i] = mi
+            v[i] = vi
+            p[i] = pi - (mi / (np.sqrt(vi) + eps_s)) * step_size
+
     class Kernels:
         pass
     k = Kernels()
-    for f in (layernorm_forward, layernorm_backward, softmax_scores_backward):
+    for f in (layernorm_forward, layernorm_backward, softmax_scores_backward, gelu_tanh_arg,
+              gelu_tanh_finish, gelu_tanh_grad_finish, adam_update):
         setattr(k, f.__name__, f)
     return k

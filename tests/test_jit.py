@@ -157,3 +157,38 @@ def test_opt_in_without_numba_warns_and_stays_on_numpy(monkeypatch):
     with pytest.raises(RuntimeError, match=r"numba is not installed; install it with pip install "
                                            r"'tensorlite\[jit\]'"):
         jit.enable()
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [7, 300_000])          # one call, and blocks over the threads
+def test_adamw_kernel_is_bit_identical_to_numpy(dtype, size):
+    from nn.optim import AdamW
+
+    def run():
+        rng = np.random.default_rng(5)
+        p = tl.tensor(rng.standard_normal(size).astype(dtype), requires_grad=True)
+        opt = AdamW([p], lr=3e-3, weight_decay=0.1)
+        for _ in range(3):
+            p.grad = tl.tensor(rng.standard_normal(size).astype(dtype))
+            opt.step()
+        return p.detach().numpy().copy(), opt.state_dict()
+    (p0, _), (p1, _) = _both(run)
+    np.testing.assert_array_equal(p1, p0)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 1e-6)])
+def test_gelu_kernels_equal_numpy(dtype, tol):
+    from tensorlite.ops.nn import gelu_tanh_grad_into, gelu_tanh_into
+    x = np.random.default_rng(6).standard_normal(10_000).astype(dtype) * 3
+    g = np.random.default_rng(7).standard_normal(10_000).astype(dtype)
+
+    def run():
+        y, d = np.empty_like(x), np.empty_like(x)
+        gelu_tanh_into(x, y)
+        gelu_tanh_grad_into(x, g, d)
+        return y, d
+    (y0, d0), (y1, d1) = _both(run)
+    np.testing.assert_allclose(y1, y0, rtol=tol, atol=tol)
+    np.testing.assert_allclose(d1, d0, rtol=tol, atol=tol)

@@ -131,6 +131,13 @@ _GELU_A = 0.044715
 
 def gelu_tanh_into(x, out):
     """out = 0.5 x (1 + tanh(c (x + a x^3))), elementwise on a block (``out`` may be ``x``)."""
+    if jit.use_for(x, out):
+        k, dt, xf = jit.kernels(), x.dtype.type, x.reshape(-1)
+        t = np.empty_like(xf)
+        k.gelu_tanh_arg(xf, t, dt(_GELU_C), dt(_GELU_A))
+        np.tanh(t, out=t)
+        k.gelu_tanh_finish(xf, t, out.reshape(-1))
+        return
     xp = backend.xp_of(x)
     t = x * x
     t *= _GELU_A
@@ -146,6 +153,13 @@ def gelu_tanh_into(x, out):
 def gelu_tanh_grad_into(x, g, out):
     """out = g * d gelu_tanh(x) / dx on a block (``out`` may be ``g``):
     0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3))."""
+    if jit.use_for(x, g, out):
+        k, dt, xf = jit.kernels(), x.dtype.type, x.reshape(-1)
+        t = np.empty_like(xf)
+        k.gelu_tanh_arg(xf, t, dt(_GELU_C), dt(_GELU_A))
+        np.tanh(t, out=t)
+        k.gelu_tanh_grad_finish(xf, t, g.reshape(-1), out.reshape(-1), dt(_GELU_C), dt(_GELU_A))
+        return
     xp = backend.xp_of(x)
     xsq = x * x
     t = xsq * _GELU_A
