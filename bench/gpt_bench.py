@@ -44,7 +44,12 @@ CONFIGS = {  # the shared reference's configs (../shared/bench/README.md)
     "tiny": dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, block_size=128, batch_size=16),
     "small": dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, block_size=256, batch_size=8),
 }
-LIBS = ("tensorlite", "torch-manual", "torch-sdpa")
+LIBS = ("tensorlite", "tensorlite-jit", "torch-manual", "torch-sdpa")
+
+
+def _is_tl(lib) -> bool:
+    """tensorlite on NumPy, or with its opt-in numba kernels (``--jit``)."""
+    return bool(lib) and lib.startswith("tensorlite")
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 CONTENDED = 0.15          # other processes' load (cores) above which a run is marked
 LR = 3e-4
@@ -199,7 +204,7 @@ def _gen_summary(times, block_size) -> dict:
 
 def run_gen(lib: str, cfg: dict, threads: int) -> dict:
     n_new = cfg["block_size"] - 1      # prompt + new tokens fill the block exactly
-    if lib == "tensorlite":
+    if _is_tl(lib):
         gen = lambda n, c: gen_tensorlite(cfg, n, c)  # noqa: E731
     else:
         from bench import torch_ref
@@ -214,7 +219,7 @@ def run_gen(lib: str, cfg: dict, threads: int) -> dict:
         out[f"{key}_other_cores"] = mon.other_cores
         out[f"{key}_head"] = toks[:12]
     out["other_cores"] = max(out["kv_other_cores"], out["nocache_other_cores"])
-    if lib == "tensorlite":
+    if _is_tl(lib):
         import tensorlite as tl
         out["threads_used"] = tl.get_num_threads()
     else:
@@ -245,18 +250,19 @@ def worker(job: dict) -> dict:
     if kind == "info":
         return info_worker()
     cfg, threads = CONFIGS[job["config"]], job["threads"]
-    if lib == "tensorlite":     # its own pool (BLAS runs single-threaded inside it)
+    if _is_tl(lib):     # its own pool (BLAS runs single-threaded inside it)
         import tensorlite as tl
         tl.set_num_threads(threads)
+        tl.jit.enable(lib == "tensorlite-jit")     # the opt-in numba kernels, or NumPy only
     if kind == "train":
-        if lib == "tensorlite":
+        if _is_tl(lib):
             r = train_tensorlite(cfg, job["steps"], job["warmup"], job.get("profile", False))
         else:
             r = train_torch(cfg, lib[6:], job["steps"], job["warmup"], threads)
     else:
         r = run_gen(lib, cfg, threads)
     r.update(job, peak_rss_mb=peak_rss_mb())
-    if lib == "tensorlite":  # what its first op set process-wide (BLAS threads, malloc)
+    if _is_tl(lib):  # what its first op set process-wide (BLAS threads, malloc)
         import tensorlite as tl
         r["tensorlite_cpu"] = tl.cpu.configure()
     if kind == "train":     # after the run, so it cannot change its RSS or its warm caches
@@ -299,7 +305,7 @@ def worker_env(unset_openblas: bool, threads: int | None = None, lib: str | None
     env = dict(os.environ)
     if threads:
         names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        for k in ("TENSORLITE_NUM_THREADS",) + (() if lib == "tensorlite" else names):
+        for k in ("TENSORLITE_NUM_THREADS",) + (() if _is_tl(lib) else names):
             env[k] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     if unset_openblas:
@@ -374,20 +380,19 @@ def table(cfg_name: str, res: dict, libs: list[str], peak: float) -> str:
             ("no-cache end / quarter",
              lambda lib: gen[lib] and gen[lib]["nocache_ms_end"] / gen[lib]["nocache_ms_quarter"]),
         ]
-    others = [lib for lib in libs if lib != "tensorlite"]
+    tls = [lib for lib in libs if _is_tl(lib)]
+    others = [lib for lib in libs if not _is_tl(lib)]
+    pairs = [(a, b) for a in tls for b in others]        # a ratio column per (tensorlite, torch)
     head = ["metric"] + [lib.replace("-", " ") for lib in libs]
-    if "tensorlite" in libs:
-        head += [f"tl / {lib[6:]}" for lib in others]
+    head += [f"{'tl' + a[10:]} / {b[6:]}" for a, b in pairs]
     out = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, get in rows:
         vals = {lib: get(lib) for lib in libs}
         src = gen if name.startswith(("gen", "KV", "no-cache")) else train
         cells = [name] + [_fmt(vals[lib]) + ("" if name == "threads" else mark(src[lib]))
                           for lib in libs]
-        if "tensorlite" in libs:
-            cells += ["-" if not (vals["tensorlite"] and vals[lib]) or name.endswith("/ quarter")
-                      or name == "threads" else
-                      f"{vals['tensorlite'] / vals[lib]:.2f}" for lib in others]
+        cells += ["-" if not (vals[a] and vals[b]) or name.endswith("/ quarter")
+                  or name == "threads" else f"{vals[a] / vals[b]:.2f}" for a, b in pairs]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -399,7 +404,8 @@ GOAL_GEN_KV_RATIO = 1.3     # KV-cache generation tokens/s / torch sdpa
 GOAL_GEN_NOCACHE_RATIO = 1.0
 
 
-def goals(res: dict, configs: list[str], peak: float, ref: str = "torch-sdpa") -> str:
+def goals(res: dict, configs: list[str], peak: float, ref: str = "torch-sdpa",
+          lib: str = "tensorlite") -> str:
     """Lines saying, for each of issue 14's goals, what this run measured and whether it is
     met (``ok`` / ``short``), so the bench itself reports them."""
     def check(value, goal, unit=""):
@@ -408,14 +414,14 @@ def goals(res: dict, configs: list[str], peak: float, ref: str = "torch-sdpa") -
         return f"{value:.2f}{unit} ({'ok' if value >= goal else 'short'})"
 
     def ratio(kind, c, key):
-        a, b = res.get((kind, c, "tensorlite")), res.get((kind, c, ref))
+        a, b = res.get((kind, c, lib)), res.get((kind, c, ref))
         return a[key] / b[key] if a and b and b[key] else None
     out = [f"| goal | " + " | ".join(configs) + " |", "|---" + "|---:" * len(configs) + "|"]
     out.append(f"| train tokens/s >= {GOAL_TRAIN_RATIO}x {ref} | " + " | ".join(
         check(ratio("train", c, "tokens_per_s"), GOAL_TRAIN_RATIO, "x") for c in configs) + " |")
     mfu = []
     for c in configs:
-        r = res.get(("train", c, "tensorlite"))
+        r = res.get(("train", c, lib))
         mfu.append(check(100 * r["flops_per_token"] * r["tokens_per_s"] / 1e9 / peak,
                          GOAL_SMALL_MFU, " %") if r and c == "small" else "-")
     out.append(f"| MFU on small >= {GOAL_SMALL_MFU:.0f} % | " + " | ".join(mfu) + " |")
@@ -467,6 +473,9 @@ def parse_args(argv):
                          "table shows the median (default 1)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--no-torch", action="store_true", help="tensorlite only")
+    ap.add_argument("--jit", action="store_true",
+                    help="also run tensorlite with its opt-in numba kernels (tensorlite-jit; "
+                         "needs numba: pip install 'tensorlite[jit]')")
     ap.add_argument("--unset-openblas-env", action="store_true",
                     help=f"run the measurements without {' and '.join(OPENBLAS_VARS)} "
                          "(which make OpenBLAS use a slower kernel)")
@@ -507,6 +516,13 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 1
     libs = ["tensorlite"]
+    if args.jit:
+        from tensorlite import jit
+        if not jit.available():
+            print("--jit: numba is not installed here (pip install 'tensorlite[jit]')",
+                  file=sys.stderr)
+            return 2
+        libs.append("tensorlite-jit")
     if not args.no_torch and "version" in info["torch"]:
         libs += ["torch-manual", "torch-sdpa"]
     info["code"] = code_version()
@@ -526,7 +542,7 @@ def main(argv=None) -> int:
                 for lib in libs:
                     jobs.append({"kind": "train", "config": c, "lib": lib, "steps": args.steps,
                                  "warmup": args.warmup, "threads": threads,
-                                 "profile": args.profile and lib == "tensorlite" and rep == 0})
+                                 "profile": args.profile and _is_tl(lib) and rep == 0})
     if "gen" in modes:
         jobs += [{"kind": "gen", "config": c, "lib": lib, "threads": threads}
                  for c in configs for lib in libs]
@@ -536,7 +552,7 @@ def main(argv=None) -> int:
             wait_for_quiet(CONTENDED, max_wait=args.wait_quiet)
         t0 = time.perf_counter()
         try:
-            r = run_job(job, tl_env if job["lib"] == "tensorlite" else env)
+            r = run_job(job, tl_env if _is_tl(job["lib"]) else env)
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1
@@ -569,9 +585,10 @@ def main(argv=None) -> int:
               + (f"; {p['params']:,} params, {p['flops_per_token'] / 1e6:.1f} MFLOP/token" if p else "")
               + "\n")
         print(table(c, res, libs, peak))
-    if len(libs) > 1:
-        print("\n### issue 14's goals (bench/README.md)\n")
-        print(goals(res, configs, peak))
+    if others := [lib for lib in libs if not _is_tl(lib)]:
+        for lib in [lib for lib in libs if _is_tl(lib)]:
+            print(f"\n### issue 14's goals, {lib} (bench/README.md)\n")
+            print(goals(res, configs, peak, lib=lib))
     wall = time.perf_counter() - t_start
     print(f"\nmedians of {args.steps} timed steps after {args.warmup} warmup, {args.repeats} "
           f"run(s) each; {'ratios are tensorlite / torch; ' if len(libs) > 1 else ''}"
