@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "manual"],
                     help="torch attention(s) to run (default sdpa)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--jit", action="store_true", help="also run the command with "
+                    "TENSORLITE_JIT=1 (tensorlite's opt-in numba kernels)")
     ap.add_argument("--wait-quiet", type=float, default=10)
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
     ap.add_argument("--json", help="write the raw numbers here")
@@ -110,12 +112,18 @@ def main(argv=None) -> int:
         cmds = {"tensorlite": cli() + ["train", "--data", str(data), "--out", str(work / "tl"),
                                        "--overwrite", "--log-interval", "1", "--samples", "0",
                                        "--no-progress", "--ckpt-minutes", "0"] + common}
+        envs = {k: env for k in cmds}
+        if a.jit:
+            cmds["tensorlite-jit"] = [c if c != str(work / "tl") else str(work / "tl-jit")
+                                      for c in cmds["tensorlite"]]
+            envs["tensorlite-jit"] = {**env, "TENSORLITE_JIT": "1"}
         if not a.no_torch:
             for attn in a.attn:
                 cmds[f"torch-{attn}"] = [sys.executable, str(ROOT / "bench" / "torch_train_loop.py"),
                                          "--data", str(data), "--out", str(work / f"torch-{attn}"),
                                          "--attn", attn] + common + (
                     ["--threads", str(a.threads)] if a.threads else [])
+                envs[f"torch-{attn}"] = env
         print(f"# {a.config}: {shape}, vocab {vocab}, {a.steps} steps, eval every 250 over 20 "
               f"batches, log every step; {a.repeats} repeat(s), interleaved", flush=True)
         runs: dict = {k: [] for k in cmds}
@@ -123,18 +131,20 @@ def main(argv=None) -> int:
             for name, cmd in cmds.items():
                 if a.wait_quiet > 0:
                     wait_for_quiet(CONTENDED, max_wait=a.wait_quiet)
-                r = run(cmd, env)
+                r = run(cmd, envs[name])
                 runs[name].append(r)
                 print(f"  {name:12s} {r['wall_s']:7.1f} s  other load {r['other_cores']:.2f}"
                       f"{'  CONTENDED' if r['other_cores'] > CONTENDED else ''}", flush=True)
         tokens = a.steps * shape["batch_size"] * shape["block_size"]
         med = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
         star = {k: "*" if max(r["other_cores"] for r in v) > CONTENDED else "" for k, v in runs.items()}
-        print(f"\n| whole command, {a.config} | wall s | tokens/s | tensorlite / this |")
-        print("|---|---:|---:|---:|")
+        tls = [k for k in cmds if k.startswith("tensorlite")]
+        print(f"\n| whole command, {a.config} | wall s | tokens/s | "
+              + " | ".join(f"{t} speed / this" for t in tls) + " |")
+        print("|---|---:|---:|" + "---:|" * len(tls))
         for k in cmds:
-            ratio = med[k] / med["tensorlite"]
-            print(f"| {k}{star[k]} | {med[k]:.1f} | {tokens / med[k]:,.0f} | {ratio:.2f}x |")
+            ratios = " | ".join(f"{med[k] / med[t]:.2f}x" for t in tls)
+            print(f"| {k}{star[k]} | {med[k]:.1f} | {tokens / med[k]:,.0f} | {ratios} |")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"args": vars(a), "vocab": vocab, "runs": runs}, f, indent=1)
