@@ -192,28 +192,20 @@ def _arr(o):
     return o.data if isinstance(o, Tensor) else o
 
 
-def add_(t: Tensor, o, what: str = "add_") -> Tensor:
-    if _recorded(t, (o,)):
-        return record(t, what, lambda old: _ew.add(old, o))
-    return _write(t, lambda a: a.__iadd__(_arr(o)), what, o)
+def _arithmetic(name: str, op, inplace_name: str):
+    """``t op= o``: in a graph, the out-of-place op recorded; outside, NumPy's in-place op."""
+    def f(t: Tensor, o, what: str = name) -> Tensor:
+        if _recorded(t, (o,)):
+            return record(t, what, lambda old: op(old, o))
+        return _write(t, lambda a: getattr(a, inplace_name)(_arr(o)), what, o)
+    f.__name__ = name
+    return f
 
 
-def sub_(t: Tensor, o, what: str = "sub_") -> Tensor:
-    if _recorded(t, (o,)):
-        return record(t, what, lambda old: _ew.sub(old, o))
-    return _write(t, lambda a: a.__isub__(_arr(o)), what, o)
-
-
-def mul_(t: Tensor, o, what: str = "mul_") -> Tensor:
-    if _recorded(t, (o,)):
-        return record(t, what, lambda old: _ew.mul(old, o))
-    return _write(t, lambda a: a.__imul__(_arr(o)), what, o)
-
-
-def div_(t: Tensor, o, what: str = "div_") -> Tensor:
-    if _recorded(t, (o,)):
-        return record(t, what, lambda old: _ew.div(old, o))
-    return _write(t, lambda a: a.__itruediv__(_arr(o)), what, o)
+add_ = _arithmetic("add_", _ew.add, "__iadd__")
+sub_ = _arithmetic("sub_", _ew.sub, "__isub__")
+mul_ = _arithmetic("mul_", _ew.mul, "__imul__")
+div_ = _arithmetic("div_", _ew.div, "__itruediv__")
 
 
 def clip_(t: Tensor, min=None, max=None) -> Tensor:
