@@ -739,7 +739,8 @@ class Trainer:
                  f"({self.model_cfg.n_layer} layers, {self.model_cfg.n_head} heads, "
                  f"{self.model_cfg.d_model} wide, block {self.model_cfg.block_size}); "
                  f"{tokens_per_step} tokens/step; {self.baseline_label} {self.baseline:.3f} nats"
-                 + layout + (f"; resumed at step {self.step}" if resumed else ""))
+                 + layout + (f"; resumed at step {self.step}" if resumed else "")
+                 + ("; compiled kernels on (TENSORLITE_JIT)" if tl.jit.is_enabled() else ""))
         if self.pipe is not None and cfg.parallel.pp_timetable:
             import parallel
             self.say(parallel.timetable(parallel.get_schedule(cfg.parallel.pp_schedule),
