@@ -28,8 +28,15 @@ def _make(arr, requires_grad):
 
 
 def tensor(data, dtype=None, device="cpu", requires_grad=False) -> Tensor:
-    """A new tensor from Python data or an array (Python floats become float32)."""
-    return Tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
+    """A new tensor from Python data, an array or a tensor (Python floats become float32).
+    Always a copy, as ``torch.tensor``: changing one never changes the other."""
+    t = Tensor(data, dtype=dtype, device=device, requires_grad=False)
+    src = data.data if isinstance(data, Tensor) else data
+    if t.data is src or (hasattr(src, "shape") and backend.xp_of(t.data).may_share_memory(t.data, src)):
+        t.data = t.data.copy(order="K")
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
 
 
 def zeros(*shape, dtype=None, device="cpu", requires_grad=False) -> Tensor:

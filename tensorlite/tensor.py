@@ -183,16 +183,15 @@ def _at_version(p, v):
 def _share_if_view(out: "Tensor", base: "Tensor", cls, params: dict) -> None:
     """``out`` came from a view op on ``base``: if it shares its memory, it shares its version
     counter, remembers how many recorded writes ``base`` had seen (the view is stale once that
-    count moves on), and, when the op can map a new value of the view back onto its base
-    (``cls.unview``), how it was made: so that a write through the view can be recorded on
-    the base, and a stale view be given the history of the same view of the new base
+    count moves on), and how it was made: so that a stale view can be given the history of
+    the same view of the new base, and a write through it (when the op can map the view's new
+    value back onto its base: ``cls.unview``) be recorded on the base
     (tensorlite/ops/inplace.py)."""
     a, b = out.data, base.data
     if a is b or backend.xp_of(a).may_share_memory(a, b):
         out._vc = base._vc
         out._vgw = base._vc[1] if base._vgw is None else base._vgw
-        if hasattr(cls, "unview"):
-            out._view_src = (base, cls, params)
+        out._view_src = (base, cls, params)
 
 
 def unbroadcast(grad, shape):
@@ -348,6 +347,7 @@ class Tensor:
     def detach_(self) -> "Tensor":
         self._ctx = None
         self.requires_grad = False
+        self._past = None        # its earlier values' histories go with its own
         return self
 
     def requires_grad_(self, flag: bool = True) -> "Tensor":
@@ -400,7 +400,12 @@ class Tensor:
         return Clone.apply(self)
 
     def contiguous(self) -> "Tensor":
-        return self
+        """Itself if its memory is already in row-major order, else a copy that is (as
+        PyTorch: an in-place change of the copy leaves this tensor alone)."""
+        if self.data.flags.c_contiguous:
+            return self
+        from .ops.elementwise import Clone
+        return Clone.apply(self)
 
     # -- autograd ------------------------------------------------------------
     def register_hook(self, hook):
@@ -685,8 +690,8 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
                 k = id(p)
                 prev = grads.get(k)
                 grads[k] = pg if prev is None else prev + pg
-            if not retain_graph:
-                _free(ctx)
+            if not retain_graph and not type(ctx).makes_view:
+                _free(ctx)   # (a view op keeps only shapes: W.T reused by two backwards works)
 
 
 def _check_versions(out: Tensor, ctx) -> None:

@@ -108,21 +108,20 @@ class Mul(Function):
 
 
 class Div(Function):
-    saved_inputs = (1,)
-    saves_output = True
+    """a / b. Saves its inputs, not its output (as PyTorch), so that an in-place change of the
+    quotient (x = x / x.sum(); x *= 2) is no false alarm: db = -g a / b^2."""
+    saved_inputs = (0, 1)
 
     def forward(self, a, b):
-        self.b = b
-        out = a / b
-        self.out = out
-        return out
+        self.a, self.b = a, b
+        return a / b
 
-    def saved_values(self):  # the output's values serve only b's gradient
-        return (1,), self.needs_input_grad[1]
+    def saved_values(self):  # b serves both gradients; a only b's
+        return ((0, 1) if self.needs_input_grad[1] else (1,)), False
 
     def backward(self, g):
         ga = g / self.b if self.needs_input_grad[0] else None
-        gb = -g * self.out / self.b if self.needs_input_grad[1] else None
+        gb = -g * self.a / (self.b * self.b) if self.needs_input_grad[1] else None
         return ga, gb
 
 

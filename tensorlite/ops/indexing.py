@@ -4,6 +4,8 @@ Backwards of gathers scatter-add, so repeated indices accumulate their gradients
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Function, Tensor
 from .elementwise import _binary, check_same_device
@@ -19,12 +21,20 @@ def _index_arrays(idx, x: Tensor):
             check_same_device("getitem", x, it)
             if it.dtype.kind == "f":
                 raise IndexError(f"indices must be integers or booleans, got a {it.dtype} tensor")
+            if it.ndim == 0 and it.dtype.kind in "iu":
+                out.append(int(it.item()))   # a 0-d integer tensor is an integer (a view)
+                continue
             it = it.data.copy()   # the backward scatters by it: a later change must not count
             advanced = True
+        elif isinstance(it, np.integer):
+            it = int(it)
         elif isinstance(it, list):
             it = xp.asarray(it)
             advanced = True
         elif hasattr(it, "dtype") and hasattr(it, "shape") and not isinstance(it, (int, slice)):
+            if getattr(it, "ndim", 0) == 0 and it.dtype.kind in "iu":
+                out.append(int(it))              # a 0-d integer array is an integer too
+                continue
             if getattr(it, "ndim", 0) > 0 or it.dtype.kind == "b":
                 advanced = True
             it = xp.array(it)     # a copy, as for a Tensor index

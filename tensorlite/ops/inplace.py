@@ -29,6 +29,8 @@ A backward that needs a value an in-place op overwrote raises the version error.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Tensor, enable_grad, is_grad_enabled, no_grad
 from . import elementwise as _ew
@@ -40,10 +42,22 @@ def _stale(t: Tensor) -> bool:
     return t._vgw is not None and t._vgw != t._vc[1]
 
 
+def _view_root(t: Tensor) -> Tensor:
+    """The tensor whose memory view ``t`` shows (t itself if it is not a view)."""
+    while t._view_src is not None:
+        t = t._view_src[0]
+    return t
+
+
 def _recorded(t: Tensor, operands) -> bool:
-    """Whether changing ``t`` with these operands is part of a graph."""
-    return is_grad_enabled() and (t.requires_grad or _stale(t) or any(
-        isinstance(o, Tensor) and o.requires_grad for o in operands))
+    """Whether changing ``t`` with these operands is part of a graph: t or an operand requires
+    grad, or t is a view (taken under no_grad, or stale) of a tensor in a graph."""
+    if not is_grad_enabled():
+        return False
+    if t.requires_grad or _stale(t) or any(isinstance(o, Tensor) and o.requires_grad
+                                           for o in operands):
+        return True
+    return t._view_src is not None and _view_root(t).requires_grad
 
 
 def _reads(ctx, old: Tensor) -> bool:
@@ -53,8 +67,8 @@ def _reads(ctx, old: Tensor) -> bool:
 
 
 def _view_refusal(t: Tensor, what: str) -> str:
-    how = "made by .expand()" if t._ctx is not None and t._ctx.name == "Expand" else \
-        "taken by .detach() or outside the graph"
+    how = (f"made by {t._view_src[1].__name__}" if t._view_src is not None
+           else "taken by .detach() or outside the graph")
     return (f"{what}: this tensor (shape {t.shape}) shares its memory with another tensor "
             f"({how}), and a write through it cannot be recorded on that tensor; change a copy "
             f"(v = v.clone()) or use an out-of-place op (v = v + 1)")
@@ -123,14 +137,15 @@ def _record_through_view(t: Tensor, what: str, compute) -> Tensor:
     if _stale(t):
         refresh_view(t, what)
     src = t._view_src
-    if src is None:
+    if src is None or not hasattr(src[1], "unview"):
         raise RuntimeError(_view_refusal(t, what))
     base, cls, params = src
     old, new = _stand_in(t, compute)
     _check_result(t, new, what)
-    record(base, f"{what} (through a view of it)",
-           lambda old_base: cls.unview(old_base, new, **params))
-    _remake(t, old)
+    through = what if what.endswith("(through a view of it)") else f"{what} (through a view of it)"
+    record(base, through, lambda old_base: cls.unview(old_base, new, **params))
+    with enable_grad():
+        _remake(t, old)
     return t
 
 
@@ -148,12 +163,9 @@ def refresh_view(t: Tensor, what: str) -> None:
     base, as PyTorch regenerates a view's grad_fn. Ops that used it before keep its old
     history. A view that does not know its base (``.detach()``) cannot: refused."""
     src = t._view_src
-    if src is None:
-        raise RuntimeError(
-            f"{what}: a tensor of shape {t.shape} shares its memory with a tensor that was "
-            f"changed in place by a recorded op after it was taken (by .detach(), .expand() or "
-            f"outside the graph), so its values are new but its history is not; take it again "
-            f"after the change, or change a copy (x = x.clone()) instead")
+    if src is None:          # .detach(): no history to give, its values are simply the new ones
+        t._vgw = t._vc[1]
+        return
     base = src[0]
     if _stale(base):
         refresh_view(base, what)
@@ -164,9 +176,8 @@ def refresh_view(t: Tensor, what: str) -> None:
         _remake(t, old)
 
 
-def _write(t: Tensor, change, what: str, operand=None) -> Tensor:
-    """Outside a graph: change t's array in place and bump its version, with NumPy's errors
-    for a shape or dtype that cannot be written said in tensorlite's words."""
+def _check_operand(t: Tensor, operand, what: str) -> None:
+    """An operand of an in-place op must broadcast to the tensor's own shape."""
     shape = getattr(operand, "shape", None)
     if shape is not None and tuple(shape) != t.shape:
         try:
@@ -177,6 +188,16 @@ def _write(t: Tensor, change, what: str, operand=None) -> Tensor:
             raise RuntimeError(f"{what}: an operand of shape {tuple(shape)} cannot be written "
                                f"into a tensor of shape {t.shape} in place (it must broadcast "
                                f"to that shape); use an out-of-place op")
+
+
+def _write(t: Tensor, change, what: str, operand=None) -> Tensor:
+    """Outside a graph: change t's array in place and bump its version, with NumPy's errors
+    for a shape or dtype that cannot be written said in tensorlite's words."""
+    _check_operand(t, operand, what)
+    if not t.data.flags.writeable:
+        raise RuntimeError(f"{what}: this tensor (shape {t.shape}) is a read-only view (made by "
+                           f".expand(), whose elements share memory); change a copy "
+                           f"(v = v.clone()) instead")
     try:
         change(t.data)
     except TypeError as e:
@@ -195,6 +216,7 @@ def _arr(o):
 def _arithmetic(name: str, op, inplace_name: str):
     """``t op= o``: in a graph, the out-of-place op recorded; outside, NumPy's in-place op."""
     def f(t: Tensor, o, what: str = name) -> Tensor:
+        _check_operand(t, o, what)
         if _recorded(t, (o,)):
             return record(t, what, lambda old: op(old, o))
         return _write(t, lambda a: getattr(a, inplace_name)(_arr(o)), what, o)
@@ -224,9 +246,28 @@ def masked_fill_(t: Tensor, mask, value) -> Tensor:
     return _write(t, lambda a: a.__setitem__(Ellipsis, new), "masked_fill_")
 
 
+def _assignable(vshape: tuple, tshape: tuple) -> bool:
+    """NumPy's rule for ``a[idx] = v``: v's extra leading 1-dims dropped, then broadcast."""
+    while len(vshape) > len(tshape) and vshape[0] == 1:
+        vshape = vshape[1:]
+    try:
+        return tuple(np.broadcast_shapes(vshape, tshape)) == tuple(tshape)
+    except ValueError:
+        return False
+
+
 def setitem_(t: Tensor, idx, value) -> None:
     """``t[idx] = value``."""
     arr_idx = _ix.index_arrays(t, idx)
+    try:
+        target = t.data[arr_idx]
+    except IndexError as e:
+        raise IndexError(f"index {idx!r} is invalid for a tensor of shape {t.shape}: {e}") from None
+    vshape = tuple(getattr(value, "shape", ()))
+    if not _assignable(vshape, target.shape):
+        raise RuntimeError(f"setitem: a value of shape {vshape} cannot be written into "
+                           f"t[{idx!r}], of shape {target.shape} (it must broadcast to that "
+                           f"shape)")
     if _recorded(t, (value,)):
         if isinstance(value, Tensor):
             _ew.check_same_device("setitem", t, value)
