@@ -693,8 +693,8 @@ _EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 
 def _holds_tensorlite_run(path: Path) -> bool:
-    return (path / "ckpt").exists() or (path / "log.jsonl").exists() or (
-        (path / "meta.json").is_file() and (path / "train.bin").exists())
+    from gpt.data.prepare import looks_prepared
+    return (path / "ckpt").exists() or (path / "log.jsonl").exists() or looks_prepared(path)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

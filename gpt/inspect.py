@@ -647,7 +647,8 @@ def _prepare_target(folder: Path, overwrite: bool) -> None:
     if folder.exists():
         if not folder.is_dir():
             raise InspectError(f"{folder} is a file; pass a folder to write the report into")
-        if (folder / "meta.json").is_file() and (folder / "train.bin").exists():
+        from gpt.data.prepare import looks_prepared
+        if looks_prepared(folder):
             raise InspectError(f"{folder} is a prepared data folder; write the report into a "
                                "folder of its own")
         if (folder / "config.json").is_file():

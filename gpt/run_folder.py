@@ -220,10 +220,11 @@ def check_out(cfg: TrainConfig) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TrainingError(f"--out {out}: no permission to write in {parent}; choose a folder "
                             "you can write")
-    if (out / "meta.json").is_file() and (out / "train.bin").exists():
+    from gpt.data.prepare import looks_prepared
+    if looks_prepared(out):
         raise TrainingError(f"--out {out} is a prepared data folder (it holds meta.json and "
-                            "train.bin), not a run: pass it as --data, and choose another --out "
-                            "for the run")
+                            "its train shards), not a run: pass it as --data, and choose another "
+                            "--out for the run")
     if out.is_dir():
         check_not_locked(out)
     status = run_status(out) if out.is_dir() else None
@@ -280,7 +281,8 @@ def pick_checkpoint(out: str | os.PathLike, which: str | None = None, say=print,
     if not out.exists():
         raise TrainingError(f"{what} {out} does not exist: pass the folder of a run "
                             f"(the --out of tensorlite-gpt {made_by})")
-    if (out / "meta.json").is_file() and (out / "train.bin").exists():
+    from gpt.data.prepare import looks_prepared
+    if looks_prepared(out):
         raise TrainingError(f"{what} {out} is a prepared data folder, not a run: pass the "
                             "--out of a training run")
     if (out / "model.safetensors").is_file():

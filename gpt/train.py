@@ -72,13 +72,26 @@ def measure_gemm_peak(device: str = "cpu", dtype=np.float32, n: int = 1024, reps
     return 2 * n ** 3 / best
 
 
-def unigram_baseline(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+def _token_counts(tokens, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs in ``tokens`` (an array, or a list of arrays: shards), counted
+    in chunks so that a memory-mapped shard is never copied whole (as int64: 8x its size)."""
+    parts = tokens if isinstance(tokens, (list, tuple)) else [tokens]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in parts:
+        for lo in range(0, len(part), chunk):
+            c = np.bincount(np.asarray(part[lo:lo + chunk]), minlength=vocab_size)
+            counts[:len(c)] += c[:vocab_size]
+    return counts
+
+
+def unigram_baseline(train_tokens, val_tokens, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on the validation tokens of predicting every token by its
     training frequency alone (add-one smoothed): what a model that ignores context scores, so
-    the validation loss of a model that learnt anything is far below it."""
-    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size)
+    the validation loss of a model that learnt anything is far below it. Either side is an
+    array of ids or a list of them (shards)."""
+    counts = _token_counts(train_tokens, vocab_size)
     logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
-    val_counts = np.bincount(np.asarray(val_tokens, dtype=np.int64), minlength=vocab_size)
+    val_counts = _token_counts(val_tokens, vocab_size)
     return float(-(val_counts * logp).sum() / max(val_counts.sum(), 1))
 
 
@@ -329,8 +342,8 @@ class Trainer:
 
     def _baseline(self) -> float:
         """The dashed line of the plot: here the unigram model's validation loss."""
-        return unigram_baseline(np.asarray(self.train_loader.tokens()),
-                                np.asarray(self.val_loader.tokens()), self.tokenizer.vocab_size)
+        return unigram_baseline(self.train_loader.token_parts(), self.val_loader.token_parts(),
+                                self.tokenizer.vocab_size)
 
     def _batch_loss(self, batch):
         """The loss of one micro-batch (this rank's rows), a scalar Tensor."""

@@ -500,3 +500,28 @@ def test_internal_errors_keep_their_traceback(monkeypatch, data_dir, tmp_path):
     monkeypatch.setattr(train_mod, "train", bug)
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), *SMALL])
+
+
+def test_a_folder_prepared_under_mpiexec_is_recognised_as_data(tmp_path):
+    """mpiexec's prepare writes train-00000-of-00002.bin ... and no train.bin: train, sample,
+    inspect and export must still see prepared data there, and never write a run over it."""
+    from gpt.data.prepare import looks_prepared
+    from gpt.run_folder import check_out
+    d = tmp_path / "prepared"
+    d.mkdir()
+    (d / "meta.json").write_text("{}")
+    assert not looks_prepared(d)
+    (d / "train-00000-of-00002.bin").write_bytes(b"x")
+    assert looks_prepared(d)
+    with pytest.raises(TrainingError, match="is a prepared data folder"):
+        check_out(TrainConfig(data=str(tmp_path / "elsewhere"), out=str(d)))
+
+
+def test_unigram_baseline_counts_shards_in_chunks():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 50, 1000).astype(np.uint16), rng.integers(0, 50, 777).astype(np.uint16)
+    val = rng.integers(0, 50, 300).astype(np.uint16)
+    whole = train_mod.unigram_baseline(np.concatenate([a, b]), val, 50)
+    assert train_mod.unigram_baseline([a, b], [val], 50) == pytest.approx(whole, rel=1e-15)
+    counts = train_mod._token_counts([a, b], 50, chunk=64)
+    np.testing.assert_array_equal(counts, np.bincount(np.concatenate([a, b]), minlength=50))

@@ -140,6 +140,11 @@ class BatchLoader:
             return self._open(0)
         return np.concatenate([self._open(k) for k in range(len(self._parts))])
 
+    def token_parts(self) -> list[np.ndarray]:
+        """The token stream as its shards, each a read-only memory map (or the array): nothing
+        read into memory (the unigram baseline counts them chunk by chunk)."""
+        return [self._open(k) for k in range(len(self._parts))]
+
     def _open(self, k: int) -> np.ndarray:
         source, dtype, count = self._parts[k]
         if isinstance(source, np.ndarray):

@@ -395,6 +395,21 @@ def _is_own(name: str) -> bool:
     return name in _OWN_FILES or bool(_RANK_SHARD.fullmatch(name)) or (name.startswith(".") and name.endswith(".tmp"))
 
 
+def looks_prepared(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds prepared data (meta.json and its train shard: ``train.bin``, or
+    one per rank, ``train-00000-of-00002.bin``, when mpiexec prepared it), without checking it:
+    what commands that write into a folder ask before refusing to write over the data."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        return False
+    if (folder / "train.bin").exists():
+        return True
+    try:
+        return any(_RANK_SHARD.fullmatch(p.name) for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def describe_prepared(meta: dict) -> str:
     """What a prepared folder holds, in a few words: its data and tokenizer."""
     options = meta.get("options") if isinstance(meta.get("options"), dict) else {}
