@@ -1,8 +1,8 @@
 """GPT training and generation speed: tensorlite vs PyTorch eager, side by side (issue 6).
 
     python -m bench.gpt_bench [--config micro|tiny|small|all] [--mode train|gen|all] [--steps N]
-                              [--warmup N] [--repeats R] [--json out.json] [--no-torch]
-                              [--threads N] [--unset-openblas-env] [--profile]
+                              [--warmup N] [--repeats R] [--json out.json] [--no-torch] [--jit]
+                              [--threads N] [--unset-openblas-env] [--wait-quiet S] [--profile]
 
 For each config, the same GPT-2 model (learned positions, pre-LN, GELU tanh, tied head,
 biases, no dropout) in tensorlite and, when ``import torch`` works, in PyTorch eager with
@@ -591,7 +591,7 @@ def main(argv=None) -> int:
             print(goals(res, configs, peak, lib=lib))
     wall = time.perf_counter() - t_start
     print(f"\nmedians of {args.steps} timed steps after {args.warmup} warmup, {args.repeats} "
-          f"run(s) each; {'ratios are tensorlite / torch; ' if len(libs) > 1 else ''}"
+          f"run(s) each; {'ratios are tensorlite / torch; ' if any(not _is_tl(lib) for lib in libs) else ''}"
           f"* = other processes used > "
           f"{CONTENDED} cores during that run; MFU vs {peak:.0f} GFLOP/s, the best NumPy "
           f"float32 GEMM rate seen in this run; total {wall:.0f} s")

@@ -89,6 +89,12 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
     ap.add_argument("--json", help="write the raw numbers here")
     a = ap.parse_args(argv)
+    if a.jit:
+        from tensorlite import jit
+        if not jit.available():
+            print("--jit: numba is not installed here (pip install 'tensorlite[jit]')",
+                  file=sys.stderr)
+            return 2
     shape = SHAPES[a.config]
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="train_cmd_bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,7 @@ def main(argv=None) -> int:
                     wait_for_quiet(CONTENDED, max_wait=a.wait_quiet)
                 r = run(cmd, envs[name])
                 runs[name].append(r)
-                print(f"  {name:12s} {r['wall_s']:7.1f} s  other load {r['other_cores']:.2f}"
+                print(f"  {name:15s} {r['wall_s']:7.1f} s  other load {r['other_cores']:.2f}"
                       f"{'  CONTENDED' if r['other_cores'] > CONTENDED else ''}", flush=True)
         tokens = a.steps * shape["batch_size"] * shape["block_size"]
         med = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}

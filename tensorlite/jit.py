@@ -21,20 +21,33 @@ runs them on its blocks side by side (``cpu.for_rows``); they are compiled on fi
 
 Numerics: float32 and float64 only (other dtypes take the NumPy path). Row sums are
 reassociated (``fastmath={'reassoc', 'contract', 'nsz'}``: vectorised sums and fused
-multiply-adds, no change to NaN or infinity handling), so results differ from NumPy's in the
+multiply-adds; NaN and infinity propagate as in NumPy), so results differ from NumPy's in the
 last bits: ``tests/test_jit.py`` holds the two within 1e-12 in float64 and gradchecks every
-op with the kernels on.
+op with the kernels on. LayerNorm's and GELU's kernels compute a float32 row in float64
+(numba promotes at the first float64 constant); so near float32's overflow (|x| > ~1e19,
+where NumPy's x^2 overflows) the kernels still give the right answer where NumPy's float32
+passes give inf or 0. AdamW's kernel computes in the parameter's dtype: bit-identical.
+
+The compiled code is cached by numba next to this file (``__pycache__``) or in ~/.cache;
+where neither can be written, set ``NUMBA_CACHE_DIR`` (else the kernels are compiled anew in
+each process, with a note on stderr). Importing numba and LLVM costs ~100 MB of memory.
 """
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 
 _enabled = None   # None: not decided yet (read TENSORLITE_JIT on first use)
 _kernels = None
 _OFF = ("", "0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+
+
+def _say(msg: str) -> None:
+    """One line on stderr (a warning's source-line echo would only confuse a CLI user)."""
+    import sys
+    print(f"tensorlite: {msg}", file=sys.stderr, flush=True)
 
 
 def available() -> bool:
@@ -59,10 +72,15 @@ def enable(flag: bool = True) -> None:
 def is_enabled() -> bool:
     global _enabled
     if _enabled is None:
-        want = os.environ.get("TENSORLITE_JIT", "").strip().lower() not in _OFF
-        if want and not available():
-            warnings.warn("TENSORLITE_JIT is set but numba is not installed (pip install "
-                          "'tensorlite[jit]'): running on NumPy", RuntimeWarning, stacklevel=2)
+        raw = os.environ.get("TENSORLITE_JIT", "")
+        value = raw.strip().lower()
+        want = value in _ON
+        if value not in _ON + _OFF:
+            _say(f"TENSORLITE_JIT={raw!r} is neither on ({', '.join(_ON)}) nor off "
+                 f"({', '.join(v for v in _OFF if v)}, or unset): running on NumPy")
+        elif want and not available():
+            _say("TENSORLITE_JIT is set but numba is not installed (pip install "
+                 "'tensorlite[jit]'): running on NumPy")
             want = False
         _enabled = want
     return _enabled
@@ -84,16 +102,24 @@ def kernels():
     """The compiled kernels (built on first call)."""
     global _kernels
     if _kernels is None:
-        _kernels = _build()
+        try:
+            _kernels = _build(cache=True)
+        except RuntimeError as e:     # numba found nowhere to write its cache
+            if "cannot cache" not in str(e):
+                raise
+            _say("numba cannot cache the compiled kernels (no writable folder next to "
+                 "tensorlite or in ~/.cache; set NUMBA_CACHE_DIR to one): compiling them "
+                 "for this process only")
+            _kernels = _build(cache=False)
     return _kernels
 
 
-def _build():
+def _build(cache: bool):
     import math
 
     import numba as nb
 
-    jit = nb.njit(nogil=True, cache=True, error_model="numpy",
+    jit = nb.njit(nogil=True, cache=cache, error_model="numpy",
                   fastmath={"reassoc", "contract", "nsz"})
 
     @jit
@@ -175,7 +201,7 @@ def _build():
 
     # Adam(W): the same float operations in the same order as nn.optim._adam_update, no
     # fastmath: bit-identical to the NumPy passes, in one pass instead of thirteen
-    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    @nb.njit(nogil=True, cache=cache, error_model="numpy")
     def adam_update(p, g, m, v, decay, b1, one_b1, b2, one_b2, eps_s, step_size):
         for i in range(p.size):
             gi = g[i]
