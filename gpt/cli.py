@@ -135,17 +135,29 @@ def cmd_prepare(args) -> int:
     if world is not None:
         from parallel.world import install_abort_handler
         install_abort_handler(world)    # a crash on one rank ends them all, never a hang
-    done = not overwrite and rank == 0 and is_prepared(out, data, **options)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UsageError(f"--workers {workers} must be a positive integer (the processes that read, clean, "
+                         f"sign and encode; by default the usable cores)")
+    state = "new"
+    if not overwrite and rank == 0:
+        if is_prepared(out, data, **options):
+            state = "done"
+        elif is_prepared(out, data, check_fingerprint=False, **options):
+            state = "changed"       # same data paths and options, but the files changed since
     if world is not None:
-        done = world.comm.bcast(done, root=0)
-    if done:
+        state = world.comm.bcast(state, root=0)
+    if state == "done":
         if rank == 0:
             print(f"{out} is already prepared from this data with these options: nothing to do "
                   f"(--overwrite prepares it again)")
         return 0
+    if state == "changed":
+        raise UsageError(f"--out {out} was prepared from this data with these options, but the files "
+                         f"have changed since (added, removed or edited): a run trained on it would "
+                         f"see other data; pass --overwrite to prepare it again, or choose another --out")
     prepare(data=data, out_dir=out, overwrite=overwrite, workers=workers, world=world, **options)
     if rank == 0:
-        print(f"prepared data in {out}: train with  tensorlite-gpt train --data {out}")
+        print(f"prepared data in {out}: train with: tensorlite-gpt train --data {out}")
     return 0
 
 

@@ -282,10 +282,19 @@ def test_cli_prepare_never_replaces_a_users_files_without_overwrite(user_dir, tm
     out = tmp_path / "p"
     assert cli_prepare(capsys, "--data", user_dir, "--out", out, "--tokenizer", "byte")[0] == 0
     (out / "notes.md").write_text("mine")
-    (user_dir / "mod00.py").write_text(code_like(4321))  # the input changed: not a no-op
+    rc, _, err = cli_prepare(capsys, "--data", user_dir, "--out", out, "--tokenizer", "byte",
+                             "--overwrite")      # only --overwrite replaces what is not prepare's
+    assert rc == 0 and not (out / "notes.md").exists()
+    (out / "notes.md").write_text("mine")
+    (out / "notes.md").unlink()
+    before = snapshot(out)
+    (user_dir / "mod00.py").write_text(code_like(4321))  # the input changed: refused, not redone
     rc, _, err = cli_prepare(capsys, "--data", user_dir, "--out", out, "--tokenizer", "byte")
-    assert rc == 2 and "also other files (notes.md)" in one_error_line(err)
-    assert (out / "notes.md").read_text() == "mine"
+    line = one_error_line(err)
+    assert rc == 2 and "was prepared from this data with these options, but the files have changed" in line
+    assert "--overwrite" in line and snapshot(out) == before
+    rc, _, _ = cli_prepare(capsys, "--data", user_dir, "--out", out, "--tokenizer", "byte", "--overwrite")
+    assert rc == 0 and snapshot(out) != before
 
     rc, _, _ = cli_prepare(capsys, "--data", user_dir, "--out", mine, "--tokenizer", "byte", "--overwrite")
     assert rc == 0 and not (mine / "thesis.tex").exists() and load_prepared(mine)
@@ -413,3 +422,30 @@ def test_every_clean_threshold_is_a_prepare_flag():
     from gpt.data.clean import CLEAN_OPTIONS
     assert {"--" + name.replace("_", "-") for name in CLEAN_OPTIONS} <= prepare_flags()
     assert {"--overwrite", "--text-field", "--character-coverage"} <= prepare_flags()
+
+
+def test_a_prepared_folder_inside_the_data_is_not_read_as_text(user_dir, tmp_path):
+    alone = prepare(user_dir, tmp_path / "alone", tokenizer="byte", progress=False)
+    prepare(user_dir, user_dir / "prepared_here", tokenizer="byte", progress=False)
+    again = prepare(user_dir, tmp_path / "again", tokenizer="byte", progress=False)
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert report["corpus"]["files_read"] == json.loads(
+        (tmp_path / "alone" / "report.json").read_text())["corpus"]["files_read"]
+    assert again["train"]["tokens"] == alone["train"]["tokens"]
+
+
+def test_orphaned_staging_folders_of_dead_prepares_are_removed(user_dir, tmp_path):
+    out = tmp_path / "p"
+    dead = tmp_path / ".p.partial-999999-0000abcd"       # a pid that is not running
+    dead.mkdir()
+    (dead / "chunk-000000.txt").write_text("left by a kill -9")
+    alive = tmp_path / f".p.partial-{os.getppid()}-0000abcd"   # a running process's: kept
+    alive.mkdir()
+    prepare(user_dir, out, tokenizer="byte", progress=False)
+    assert not dead.exists() and alive.exists()
+
+
+def test_workers_never_exceed_the_chunks_to_read(user_dir, tmp_path):
+    prepare(user_dir, tmp_path / "p", tokenizer="byte", progress=False, workers=300)
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["processes"]["workers_per_rank"] <= max(1, report["processes"]["chunks"])

@@ -152,6 +152,12 @@ def matches(rel_path: str, pattern: str, *, any_component: bool) -> bool:
     return any(fnmatch.fnmatchcase(p, pattern) for p in candidates)
 
 
+def _is_prepared_output(filenames) -> bool:
+    """The files of a folder `prepare` wrote: meta.json beside its train shard(s)."""
+    return "meta.json" in filenames and any(
+        n == "train.bin" or (n.startswith("train-") and n.endswith(".bin")) for n in filenames)
+
+
 def iter_directory(
     root: Path, include: Sequence[str] | None, exclude: Sequence[str], skip_dirs: Iterable[Path] = ()
 ) -> list[tuple[Path, str]]:
@@ -176,6 +182,9 @@ def iter_directory(
     for dirpath, dirnames, filenames in os.walk(top):
         # os.walk joins names onto top: the relative folder is what follows it
         rel_dir = "" if dirpath == top else dirpath[len(os.path.join(top, "")):].replace(os.sep, "/") + "/"
+        if dirpath != top and _is_prepared_output(filenames):
+            dirnames[:] = []   # a folder prepare wrote (an --out inside the data): not text
+            continue
         dirnames[:] = sorted(
             d
             for d in dirnames
@@ -417,11 +426,14 @@ def plan_corpus(
     files = [pair for _, _, pairs in roots for pair in pairs]
     report.files_matched = len(files)
     if not files:
-        raise DataError(
-            f"no files found in {report.roots} with include={list(include) if include else None} and "
-            f"exclude={list(exclude) if exclude is not None else 'default (hidden files and folders, Python caches)'}: "
-            f"check the path, and the glob patterns if you passed include or exclude"
-        )
+        if include or exclude is not None:
+            raise DataError(
+                f"no files found in {report.roots} with include={list(include) if include else None} and "
+                f"exclude={list(exclude) if exclude is not None else 'default (hidden files and folders, Python caches)'}: "
+                f"check the path, and the glob patterns of include and exclude"
+            )
+        raise DataError(f"no files found in {', '.join(report.roots)} (hidden files and folders and Python "
+                        f"caches are skipped): check the path")
     planned: list[tuple[Path, str, int]] = []
     n_read = n_bytes = 0
     for i, (path, key) in enumerate(files):

@@ -279,7 +279,7 @@ def prepare(
             group.barrier()  # every rank's shards are complete
         meta = report = None
         if rank == 0:
-            meta, report = _write_meta_and_report(staging, result, plan_report, options, workers,
+            meta, report = _write_meta_and_report(staging, result, plan_report, options, result.workers,
                                                   1 if group is None else group.size, t_start)
             _swap_in(staging, target, out)
         exchange.idle_barrier(group)
@@ -371,14 +371,14 @@ def _nothing_left(cr, clean_report, dedup_report, clean: dict) -> str:
     flags = [f"--{THRESHOLD_OF_REASON[r].replace('_', '-')} (now {clean[THRESHOLD_OF_REASON[r]]})" for r in dropped]
     if flags:
         advice = (f"loosen the threshold that dropped them: {', '.join(flags)} ('none' disables a filter; "
-                  f"clean={{...}} in Python)")
+                  f"clean={{...}} in Python), or point the data path at more text")
     else:
-        advice = "nothing was filtered"
+        advice = "point the data path at (more) text files"
+    cleaned = (", ".join(f"{n} {reason}" for reason, n in dropped.items()) if dropped else "none")
     return (
         f"no documents left to train on: read {cr.documents} documents from {cr.files_read} files "
         f"(skipped binary={cr.skipped_binary}, non-UTF-8={cr.non_utf8_skipped}), the clean stage dropped "
-        f"{dropped} and dedup removed {dedup_report.exact_removed + dedup_report.near_removed}; {advice}, "
-        f"or point the data path at more text"
+        f"{cleaned} and dedup removed {dedup_report.exact_removed + dedup_report.near_removed}; {advice}"
     )
 
 
@@ -526,8 +526,32 @@ def _write_error(out: Path, exc: OSError) -> DataError:
     )
 
 
+def _remove_orphaned_staging(target: Path) -> None:
+    """Remove the hidden staging folders of earlier prepares into ``target`` whose process is
+    gone (killed with -9, or a machine that went down): nothing else would."""
+    prefix = f".{target.name}.partial-"
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        if not path.name.startswith(prefix) or not path.is_dir():
+            continue
+        pid = path.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)       # still running: it is that process's
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _make_staging(out: Path, target: Path) -> Path:
     """A new, empty, hidden folder next to ``target`` to prepare into."""
+    _remove_orphaned_staging(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         while True:

@@ -432,6 +432,7 @@ class StreamResult:
     timings: dict
     peak_rss_mb: list[dict]  # per rank: {"main": MB, "workers": MB}
     chunks: int
+    workers: int = 1         # processes per rank that ran (at most the chunks to read)
 
 
 def shard_names(ranks: int, rank: int) -> tuple[str, str]:
@@ -478,6 +479,7 @@ def run(
     docs = LocalDocs(clean=CleanReport(config=clean_cfg.to_dict()))
     import sys
 
+    workers = max(1, min(workers, len(share)))  # never more processes than chunks to read
     with Workers(workers, fork="mpi4py.MPI" not in sys.modules) as pool:  # never fork an MPI process
         pool.start(len(share))
         # ------------------------------------------------------------ pass 1
@@ -630,4 +632,5 @@ def run(
         train_files=[(names[r][0], int(counts[r, 0])) for r in range(ranks)],
         val_files=[(names[r][1], int(counts[r, 1])) for r in range(ranks)],
         train_bytes=int(counts[:, 2].sum()), timings=timings, peak_rss_mb=rss, chunks=len(chunks),
+        workers=workers,
     )

@@ -299,6 +299,8 @@ class SentencePieceTokenizer(Tokenizer):
                 minloglevel=2,  # warnings and errors only
             )
         except RuntimeError as exc:
+            if "KeyboardInterrupt" in str(exc):   # Ctrl-C inside sentencepiece's C++ loop
+                raise KeyboardInterrupt from None
             raise _training_error(exc, model_type, vocab_size) from None
         return cls(model.getvalue(), kind=model_type)
 

@@ -29,6 +29,13 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _ignore_interrupts() -> None:
+    """In a worker: Ctrl-C is the main process's to handle (it stops the pool); a worker
+    printing its own KeyboardInterrupt traceback would only bury the one-line message."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Workers:
     def __init__(self, n: int, window: int | None = None, fork: bool = True):
         self.n = int(n)
@@ -43,7 +50,7 @@ class Workers:
 
             fork = self.fork and "fork" in multiprocessing.get_all_start_methods()
             self._pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context(
-                "fork" if fork else "spawn"))
+                "fork" if fork else "spawn"), initializer=_ignore_interrupts)
             self._pool.submit(os.getpid).result()  # start the processes now
         return self._pool
 
