@@ -21,7 +21,7 @@ from gpt.data import stream
 from gpt.data.corpus import read_corpus
 from gpt.data.dedup import deduplicate
 from gpt.data.clean import clean_documents
-from gpt.data.prepare import load_prepared, prepare
+from gpt.data.prepare import load_prepared, prepare, read_meta
 from gpt.data.shards import read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +125,40 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     # rows of ~300 documents more (a few hundred bytes each) and allocator noise: a few MB;
     # holding the extra 6 MB of text (raw, cleaned, shingles) would add tens of MB
     assert rss_big - rss_small < 6, peaks
+
+
+def _big_jsonl(path, n=3000, bad_line=2222):
+    rng = np.random.default_rng(4)
+    words = ["alpha", "beta", "gamma", "delta", "tensor", "graph", "token", "layer"]
+    lines = []
+    for i in range(1, n + 1):
+        if i == bad_line:
+            lines.append("{not json")
+        else:
+            text = " ".join(rng.choice(words, size=int(rng.integers(20, 60))))
+            lines.append(json.dumps({"id": i, "text": f"record {i}: {text}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_large_jsonl_is_read_in_pieces_with_the_same_result(tmp_path, monkeypatch):
+    """One big .jsonl is cut at line ends into chunk-sized pieces (bounded memory, spread over
+    the workers): the documents, tokens and line numbers are those of reading it whole."""
+    data = _big_jsonl(tmp_path / "big.jsonl")
+    whole = tmp_path / "whole"
+    prepare(data, whole, tokenizer="byte", val_fraction=0.1, workers=1, progress=False)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 20_000)     # now ~15 pieces
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"pieces{workers}"
+        prepare(data, outs[workers], tokenizer="byte", val_fraction=0.1, workers=workers, progress=False)
+        report = json.loads((outs[workers] / "report.json").read_text())
+        assert report["processes"]["chunks"] > 10
+    for out in outs.values():
+        for name in ("train.bin", "val.bin", "tokenizer.json"):
+            assert (out / name).read_bytes() == (whole / name).read_bytes(), (out, name)
+        a, b = report_without_timings(out), report_without_timings(whole)
+        assert a["corpus"] == b["corpus"] and a["dedup"] == b["dedup"]
+        assert a["corpus"]["files_read"] == 1
+        assert "big.jsonl:2222" in json.dumps(a["corpus"])    # the bad line, numbered as in the file
+    assert read_meta(whole)["corpus"] == read_meta(outs[1])["corpus"]   # the same fingerprint

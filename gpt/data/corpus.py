@@ -218,7 +218,8 @@ def _json_kind(obj) -> str:
 
 
 def _read_jsonl(
-    data: bytes, key: str, text_field: str, errors: str, report: CorpusReport, path: str | None = None
+    data: bytes, key: str, text_field: str, errors: str, report: CorpusReport, path: str | None = None,
+    first_line: int = 1,
 ) -> list[Document]:
     """One document per line holding a JSON object with a string in ``text_field``.
 
@@ -230,7 +231,7 @@ def _read_jsonl(
     missing: tuple[int, object] | None = None  # (line, first object without a string text_field)
     bad_json: tuple[int, str] | None = None  # (line, why it is not a JSON object)
     records = 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, raw in enumerate(data.split(b"\n"), start=first_line):
         if not raw.strip():
             continue
         records += 1
@@ -258,6 +259,8 @@ def _read_jsonl(
             report.note("non_utf8_replaced", source)
         docs.append(Document(source, text))
     if docs or not records:
+        return docs
+    if first_line > 1:   # a later piece of a large file: its first piece speaks for the file
         return docs
     name = path or key
     if missing is not None:
@@ -451,19 +454,31 @@ def plan_corpus(
 
 
 def read_file(
-    path: Path, key: str, text_field: str, errors: str, report: CorpusReport
+    path: Path, key: str, text_field: str, errors: str, report: CorpusReport, piece=None
 ) -> tuple[list[Document], tuple[str, str] | None]:
     """The documents of one file, and its fingerprint entry ``(key, sha256)`` (None when it
     could not be read); what was skipped is counted in ``report`` (``files_read``,
     ``bytes_read`` and the skip reasons; ``documents``, ``chars`` and the fingerprint are
-    the caller's to total)."""
+    the caller's to total). ``piece``: for a large JSON Lines file cut by `jsonl_pieces`,
+    ``(start, end, first_line, sha256 or None)``: only bytes start..end are read, and the
+    file (its count and its fingerprint entry) is counted by its first piece only."""
     try:
-        data = path.read_bytes()
+        if piece is None:
+            data = path.read_bytes()
+        else:
+            with open(path, "rb") as f:
+                f.seek(piece[0])
+                data = f.read(piece[1] - piece[0])
     except OSError as exc:
         report.note("skipped_unreadable", f"{key} ({exc.__class__.__name__})")
         return [], None
-    report.files_read += 1
     report.bytes_read += len(data)
+    if piece is not None:
+        first = piece[3] is not None
+        report.files_read += first
+        entry = (key, piece[3]) if first else None
+        return _read_jsonl(data, key, text_field, errors, report, str(path), first_line=piece[2]), entry
+    report.files_read += 1
     entry = (key, hashlib.sha256(data).hexdigest())
     if b"\0" in data[:_BINARY_SNIFF_BYTES]:
         report.note("skipped_binary", key)
@@ -477,6 +492,45 @@ def read_file(
     if bad:
         report.note("non_utf8_replaced", key)
     return [Document(key, text)], entry
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's content, read in blocks (a large file is never held whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def jsonl_pieces(path: Path, target: int, block: int = 1 << 20):
+    """Cut a JSON Lines file into pieces of about ``target`` bytes at line ends, in one pass
+    of bounded memory: ``([(start, end, first_line), ...], sha256 of the whole file)``, or
+    ``(None, None)`` for a file that looks binary (read whole and skipped as usual)."""
+    h = hashlib.sha256()
+    cuts, lines, pos, start, first_line = [], 0, 0, 0, 1
+    with open(path, "rb") as f:
+        head = f.read(_BINARY_SNIFF_BYTES)
+        if b"\0" in head:
+            return None, None
+        f.seek(0)
+        while data := f.read(block):
+            h.update(data)
+            i = 0
+            while pos + len(data) - start >= target:     # a cut falls in this block
+                j = data.find(b"\n", max(i, start + target - pos - 1))
+                if j < 0:
+                    break
+                end = pos + j + 1
+                cut_lines = lines + data.count(b"\n", 0, j + 1)
+                cuts.append((start, end, first_line))
+                start, first_line = end, cut_lines + 1
+                i = j + 1
+            lines += data.count(b"\n")
+            pos += len(data)
+    if pos > start:
+        cuts.append((start, pos, first_line))
+    return cuts, h.hexdigest()
 
 
 def corpus_fingerprint(
@@ -502,11 +556,11 @@ def corpus_fingerprint(
             ):
                 return fingerprint_of(entries, n_bytes)
             try:
-                data = path.read_bytes()
+                digest, size = file_sha256(path), path.stat().st_size
             except OSError:
                 continue
-            n_bytes += len(data)
-            entries.append((key, hashlib.sha256(data).hexdigest()))
+            n_bytes += size
+            entries.append((key, digest))
     return fingerprint_of(entries, n_bytes)
 
 

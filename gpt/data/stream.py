@@ -54,7 +54,7 @@ import numpy as np
 
 from gpt.data import exchange
 from gpt.data.clean import CleanConfig, CleanReport, clean_text
-from gpt.data.corpus import CorpusReport, read_file
+from gpt.data.corpus import JSONL_SUFFIXES, CorpusReport, jsonl_pieces, read_file
 from gpt.data.dedup import (
     DedupConfig,
     DedupReport,
@@ -82,16 +82,32 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- chunks
 
 
-def make_chunks(files: list[tuple[Path, str, int]]) -> list[list[tuple[str, str, int]]]:
-    """Consecutive files, about `CHUNK_BYTES` (and at most `CHUNK_FILES`) each."""
-    chunks: list[list[tuple[str, str, int]]] = []
-    current: list[tuple[str, str, int]] = []
-    size = 0
+def _entries(files: list[tuple[Path, str, int]]):
+    """(path, key, bytes, piece) per file; a JSON Lines file larger than a chunk is cut at
+    line ends into pieces of about `CHUNK_BYTES` (`corpus.jsonl_pieces`), so one big file is
+    read in bounded memory and spread over the workers and ranks like many small ones."""
     for path, key, n in files:
+        if n > CHUNK_BYTES and Path(path).suffix.lower() in JSONL_SUFFIXES:
+            pieces, sha = jsonl_pieces(Path(path), CHUNK_BYTES)
+            if pieces:
+                for i, (start, end, first_line) in enumerate(pieces):
+                    yield str(path), key, end - start, (start, end, first_line, sha if i == 0 else None)
+                continue
+        yield str(path), key, n, None
+
+
+def make_chunks(files: list[tuple[Path, str, int]]) -> list[list[tuple[str, str, int, tuple | None]]]:
+    """Consecutive files (or pieces of a large .jsonl), about `CHUNK_BYTES` (and at most
+    `CHUNK_FILES`) each: ``(path, key, bytes, piece)`` entries."""
+    chunks: list[list] = []
+    current: list = []
+    size = 0
+    for entry in _entries(files):
+        n = entry[2]
         if current and (size + n > CHUNK_BYTES or len(current) >= CHUNK_FILES):
             chunks.append(current)
             current, size = [], 0
-        current.append((str(path), key, n))
+        current.append(entry)
         size += n
     if current:
         chunks.append(current)
@@ -135,8 +151,8 @@ def read_clean_sign(task: dict) -> ChunkRows:
     corpus, clean = CorpusReport(), CleanReport(config=clean_cfg.to_dict())
     sources, nbytes, nlines, exact, shingles, entries = [], [], [], [], [], []
     with open(task["spill"], "wb") as spill:
-        for path, key, _ in task["files"]:
-            docs, entry = read_file(Path(path), key, task["text_field"], task["errors"], corpus)
+        for path, key, _, piece in task["files"]:
+            docs, entry = read_file(Path(path), key, task["text_field"], task["errors"], corpus, piece)
             if entry is not None:
                 entries.append(entry)
             corpus.documents += len(docs)
@@ -165,7 +181,7 @@ def read_clean_sign(task: dict) -> ChunkRows:
         corpus=corpus,
         clean=clean,
         entries=entries,
-        input_bytes=sum(n for _, _, n in task["files"]),
+        input_bytes=sum(e[2] for e in task["files"]),
         rss_mb=peak_rss_mb(),
     )
 
@@ -474,7 +490,7 @@ def run(
         timings[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    share = rank_share([sum(n for _, _, n in c) for c in chunks], ranks, rank)
+    share = rank_share([sum(e[2] for e in c) for c in chunks], ranks, rank)
     spill = {cid: work / f"chunk-{cid:06d}.txt" for cid in share}
     docs = LocalDocs(clean=CleanReport(config=clean_cfg.to_dict()))
     import sys
@@ -485,7 +501,7 @@ def run(
         # ------------------------------------------------------------ pass 1
         tasks = ({"files": chunks[cid], "spill": str(spill[cid]), "text_field": o["text_field"],
                   "errors": o["errors"], "clean": o["clean"], "dedup": o["dedup"]} for cid in share)
-        bar = _progress(progress, sum(n for cid in share for _, _, n in chunks[cid]),
+        bar = _progress(progress, sum(e[2] for cid in share for e in chunks[cid]),
                         "read, clean, minhash" + (f" (rank 0 of {ranks})" if ranks > 1 else ""))
         err = None
         try:
