@@ -20,6 +20,7 @@ import pytest
 from gpt.data import stream
 from gpt.data.corpus import read_corpus
 from gpt.data.dedup import deduplicate
+from gpt.data.errors import DataError
 from gpt.data.clean import clean_documents
 from gpt.data.prepare import load_prepared, prepare, read_meta
 from gpt.data.shards import read_shard
@@ -162,3 +163,24 @@ def test_a_large_jsonl_is_read_in_pieces_with_the_same_result(tmp_path, monkeypa
         assert a["corpus"]["files_read"] == 1
         assert "big.jsonl:2222" in json.dumps(a["corpus"])    # the bad line, numbered as in the file
     assert read_meta(whole)["corpus"] == read_meta(outs[1])["corpus"]   # the same fingerprint
+
+
+def test_a_large_jsonl_whose_first_piece_has_no_text_is_read_like_the_whole_file(tmp_path, monkeypatch):
+    """Pieces never speak for the whole file: a big file whose first piece holds only records
+    without the text field still gives the documents of its later pieces (a helper's find)."""
+    data = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"content": f"other field {i} " * 20}) for i in range(400)]
+    lines += [json.dumps({"text": f"record {i}: " + "words and more words " * (5 + i % 7)}) for i in range(400)]
+    data.write_text("\n".join(lines) + "\n")
+    whole = tmp_path / "whole"
+    prepare(data, whole, tokenizer="byte", val_fraction=0.1, workers=1, progress=False)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 20_000)
+    split = tmp_path / "split"
+    prepare(data, split, tokenizer="byte", val_fraction=0.1, workers=2, progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert (split / name).read_bytes() == (whole / name).read_bytes()
+    assert report_without_timings(split)["corpus"] == report_without_timings(whole)["corpus"]
+    # a big file with no text at all: the end-of-pass error names --text-field
+    (tmp_path / "none.jsonl").write_text("\n".join(lines[:400]) + "\n")
+    with pytest.raises(DataError, match="had no string in the text field .* --text-field"):
+        prepare(tmp_path / "none.jsonl", tmp_path / "n", tokenizer="byte", workers=1, progress=False)

@@ -219,7 +219,7 @@ def _json_kind(obj) -> str:
 
 def _read_jsonl(
     data: bytes, key: str, text_field: str, errors: str, report: CorpusReport, path: str | None = None,
-    first_line: int = 1,
+    first_line: int = 1, whole_file: bool = True,
 ) -> list[Document]:
     """One document per line holding a JSON object with a string in ``text_field``.
 
@@ -260,7 +260,7 @@ def _read_jsonl(
         docs.append(Document(source, text))
     if docs or not records:
         return docs
-    if first_line > 1:   # a later piece of a large file: its first piece speaks for the file
+    if not whole_file:   # a piece of a large file: no piece can speak for the whole file
         return docs
     name = path or key
     if missing is not None:
@@ -477,7 +477,8 @@ def read_file(
         first = piece[3] is not None
         report.files_read += first
         entry = (key, piece[3]) if first else None
-        return _read_jsonl(data, key, text_field, errors, report, str(path), first_line=piece[2]), entry
+        return _read_jsonl(data, key, text_field, errors, report, str(path), first_line=piece[2],
+                           whole_file=False), entry
     report.files_read += 1
     entry = (key, hashlib.sha256(data).hexdigest())
     if b"\0" in data[:_BINARY_SNIFF_BYTES]:

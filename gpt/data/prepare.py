@@ -372,6 +372,11 @@ def _nothing_left(cr, clean_report, dedup_report, clean: dict) -> str:
     if flags:
         advice = (f"loosen the threshold that dropped them: {', '.join(flags)} ('none' disables a filter; "
                   f"clean={{...}} in Python), or point the data path at more text")
+    elif cr.jsonl_missing_field or cr.jsonl_bad_lines:
+        where = ", ".join(cr.examples.get("jsonl_missing_field", cr.examples.get("jsonl_bad_lines", []))[:3])
+        advice = (f"{cr.jsonl_missing_field} JSON Lines records had no string in the text field and "
+                  f"{cr.jsonl_bad_lines} lines were not JSON objects (e.g. {where}): name the field that holds "
+                  f"the text with --text-field, or fix the file")
     else:
         advice = "point the data path at (more) text files"
     cleaned = (", ".join(f"{n} {reason}" for reason, n in dropped.items()) if dropped else "none")

@@ -88,7 +88,10 @@ def _entries(files: list[tuple[Path, str, int]]):
     read in bounded memory and spread over the workers and ranks like many small ones."""
     for path, key, n in files:
         if n > CHUNK_BYTES and Path(path).suffix.lower() in JSONL_SUFFIXES:
-            pieces, sha = jsonl_pieces(Path(path), CHUNK_BYTES)
+            try:
+                pieces, sha = jsonl_pieces(Path(path), CHUNK_BYTES)
+            except OSError:         # unreadable: read_file counts it as skipped, as any file
+                pieces = None
             if pieces:
                 for i, (start, end, first_line) in enumerate(pieces):
                     yield str(path), key, end - start, (start, end, first_line, sha if i == 0 else None)
