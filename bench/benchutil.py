@@ -8,6 +8,7 @@ CPU time), so a contaminated run can be flagged instead of trusted.
 """
 import os
 import resource
+import sys
 import time
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -109,3 +110,13 @@ def run_result(cmd, name: str, env=None, cwd=None, wait_quiet: float = 10.0):
         raise SystemExit(f"{name}: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n"
                          f"{p.stderr}")
     return json.loads(lines[0][len("RESULT "):]), mon.other_cores
+
+
+def numba_missing(flag: str = "--jit") -> bool:
+    """True (after saying so on stderr) when ``flag`` asks for tensorlite's compiled kernels
+    and numba is not importable here."""
+    from tensorlite import jit
+    if jit.available():
+        return False
+    print(f"{flag}: numba is not installed here (pip install 'tensorlite[jit]')", file=sys.stderr)
+    return True

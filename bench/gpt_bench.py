@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.benchutil import CpuMonitor, peak_rss_mb, wait_for_quiet
+from bench.benchutil import CpuMonitor, numba_missing, peak_rss_mb, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {  # the shared reference's configs (../shared/bench/README.md)
@@ -517,10 +517,7 @@ def main(argv=None) -> int:
         return 1
     libs = ["tensorlite"]
     if args.jit:
-        from tensorlite import jit
-        if not jit.available():
-            print("--jit: numba is not installed here (pip install 'tensorlite[jit]')",
-                  file=sys.stderr)
+        if numba_missing():
             return 2
         libs.append("tensorlite-jit")
     if not args.no_torch and "version" in info["torch"]:

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.benchutil import CpuMonitor, wait_for_quiet
+from bench.benchutil import CpuMonitor, numba_missing, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {   # model and batch of each config (vocab: the prepared data's)
@@ -89,12 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temp folder)")
     ap.add_argument("--json", help="write the raw numbers here")
     a = ap.parse_args(argv)
-    if a.jit:
-        from tensorlite import jit
-        if not jit.available():
-            print("--jit: numba is not installed here (pip install 'tensorlite[jit]')",
-                  file=sys.stderr)
-            return 2
+    if a.jit and numba_missing():
+        return 2
     shape = SHAPES[a.config]
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="train_cmd_bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -192,8 +192,8 @@ def _check_operand(t: Tensor, operand, what: str) -> None:
 
 def _write(t: Tensor, change, what: str, operand=None) -> Tensor:
     """Outside a graph: change t's array in place and bump its version, with NumPy's errors
-    for a shape or dtype that cannot be written said in tensorlite's words."""
-    _check_operand(t, operand, what)
+    for read-only memory or a dtype that cannot be written said in tensorlite's words (the
+    callers check an operand's shape first)."""
     if not t.data.flags.writeable:
         raise RuntimeError(f"{what}: this tensor (shape {t.shape}) is a read-only view (made by "
                            f".expand(), whose elements share memory); change a copy "
@@ -259,15 +259,15 @@ def _assignable(vshape: tuple, tshape: tuple) -> bool:
 def setitem_(t: Tensor, idx, value) -> None:
     """``t[idx] = value``."""
     arr_idx = _ix.index_arrays(t, idx)
-    try:
-        target = t.data[arr_idx]
-    except IndexError as e:
-        raise IndexError(f"index {idx!r} is invalid for a tensor of shape {t.shape}: {e}") from None
     vshape = tuple(getattr(value, "shape", ()))
-    if not _assignable(vshape, target.shape):
-        raise RuntimeError(f"setitem: a value of shape {vshape} cannot be written into "
-                           f"t[{idx!r}], of shape {target.shape} (it must broadcast to that "
-                           f"shape)")
+    if vshape:                       # an array value must fit the target (a number always does)
+        try:
+            target = t.data[arr_idx].shape
+        except IndexError as e:
+            raise IndexError(f"index {idx!r} is invalid for a tensor of shape {t.shape}: {e}") from None
+        if not _assignable(vshape, target):
+            raise RuntimeError(f"setitem: a value of shape {vshape} cannot be written into "
+                               f"t[{idx!r}], of shape {target} (it must broadcast to that shape)")
     if _recorded(t, (value,)):
         if isinstance(value, Tensor):
             _ew.check_same_device("setitem", t, value)

@@ -412,26 +412,22 @@ class LayerNorm(Function):
 
             def kernel(lo, hi):
                 lnf(x2[lo:hi], w1, b1, eps, out[lo:hi], mu[lo:hi], rstd[lo:hi])
-            cpu.for_rows(kernel, n, c, xp)
-            self.x2, self.mu, self.rstd, self.w, self.has_b = x2, mu, rstd, w, b is not None
-            self.shape = x.shape
-            return out.reshape(x.shape)
-
-        def kernel(lo, hi):   # sums times 1/C: ndarray.mean costs a Python wrapper per call
-            xb = x2[lo:hi]
-            m = xb.sum(axis=1, keepdims=True)
-            m *= inv_c
-            xc = xp.subtract(xb, m, out=out[lo:hi])   # built in place in the output
-            var = (xc * xc).sum(axis=1, keepdims=True)
-            var *= inv_c
-            var += eps
-            r = 1.0 / xp.sqrt(var)
-            xc *= r                                 # xhat
-            if w is not None:
-                xc *= w
-            if b is not None:
-                xc += b
-            mu[lo:hi], rstd[lo:hi] = m, r
+        else:
+            def kernel(lo, hi):   # sums times 1/C: ndarray.mean costs a Python wrapper per call
+                xb = x2[lo:hi]
+                m = xb.sum(axis=1, keepdims=True)
+                m *= inv_c
+                xc = xp.subtract(xb, m, out=out[lo:hi])   # built in place in the output
+                var = (xc * xc).sum(axis=1, keepdims=True)
+                var *= inv_c
+                var += eps
+                r = 1.0 / xp.sqrt(var)
+                xc *= r                                 # xhat
+                if w is not None:
+                    xc *= w
+                if b is not None:
+                    xc += b
+                mu[lo:hi], rstd[lo:hi] = m, r
         cpu.for_rows(kernel, n, c, xp)
         self.x2, self.mu, self.rstd, self.w, self.has_b = x2, mu, rstd, w, b is not None
         self.shape = x.shape
